@@ -1,0 +1,3 @@
+from mtpd.cli import main
+
+raise SystemExit(main())
