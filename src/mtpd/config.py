@@ -1,0 +1,114 @@
+"""Configuration: frozen dataclasses and named presets.
+
+`ModelConfig` describes the main decoder and its MTP heads (the heads have the same width as the main
+model, so every module has the same shape and a trained one can initialise another). `LossConfig` holds
+the MTP-D objective's weights (DESIGN §2). Presets were chosen from the CPU cost model in DESIGN §9.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from mtpd.errors import MtpdError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 2048
+    d_model: int = 160
+    n_layers: int = 6
+    n_heads: int = 5
+    n_kv_heads: int = 5  # < n_heads: grouped-query attention
+    ffn_dim: int = 448  # SwiGLU hidden size
+    max_seq_len: int = 256  # context length (RoPE table and KV cache size limit)
+    mtp_heads: int = 4  # K, number of cascaded MTP modules
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # output projection shares the embedding matrix
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> "ModelConfig":
+        checks = [
+            (self.vocab_size >= 2, "vocab_size must be >= 2"),
+            (self.d_model % self.n_heads == 0, f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}"),
+            (self.head_dim % 2 == 0, f"head size d_model/n_heads = {self.head_dim} must be even for RoPE"),
+            (self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0,
+             f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}"),
+            (self.n_layers >= 1, "n_layers must be >= 1"),
+            (self.ffn_dim >= 1, "ffn_dim must be >= 1"),
+            (self.max_seq_len >= 2, "max_seq_len must be >= 2"),
+            (self.mtp_heads >= 0, f"--heads must be >= 0 (got {self.mtp_heads})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MtpdError(f"invalid model config: {message}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise MtpdError(f"unknown model config keys {sorted(unknown)}: was this checkpoint written by a newer mtpd?")
+        return cls(**data).validate()
+
+
+# Presets. `tiny` learns something useful in ~5 minutes on 2 CPU cores; `small` is the reference model for
+# benchmarks: deep relative to its width (DESIGN §9: a head step is ~15% of a 1-token pass at 12 layers) and
+# a 5-token forward pass costs far less than five 1-token passes on CPU.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(vocab_size=2048, d_model=160, n_layers=6, n_heads=5, n_kv_heads=5, ffn_dim=448,
+                        max_seq_len=256),
+    "small": ModelConfig(vocab_size=8192, d_model=256, n_layers=12, n_heads=8, n_kv_heads=4, ffn_dim=704,
+                         max_seq_len=512),
+    # For tests: seconds to build and run.
+    "micro": ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                         max_seq_len=128, mtp_heads=2),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise MtpdError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(PRESETS[name], **overrides).validate()
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the MTP-D objective (DESIGN §2). beta = 0 gives the plain MTP baseline."""
+
+    alpha_lambda: float = 0.3  # alpha_k = alpha_lambda / K (DeepSeek-V3)
+    beta: float | None = None  # None: paper default, 1.0 with one head, 0.5 with more
+    top_n: int | None = None  # None: chosen by teacher mass coverage (top_mass); >= vocab: full KL
+    top_mass: float = 0.995
+    kl_direction: str = "forward"  # forward: KL(teacher || student); reverse: KL(student || teacher)
+    temperature: float = 1.0
+    stop_grad: bool = True  # stop-gradient on the main head (teacher); False is the paper's ablation
+    main_weight: float = 1.0  # 0 for head-only training: the main head's CE is then only reported
+
+    def resolved_beta(self, num_heads: int) -> float:
+        if self.beta is not None:
+            return self.beta
+        return 1.0 if num_heads <= 1 else 0.5
+
+    def validate(self) -> "LossConfig":
+        checks = [
+            (self.alpha_lambda >= 0, f"--alpha-lambda must be >= 0 (got {self.alpha_lambda})"),
+            (self.beta is None or self.beta >= 0, f"--beta must be >= 0 (got {self.beta})"),
+            (self.top_n is None or self.top_n >= 1, f"--top-n must be >= 1 (got {self.top_n})"),
+            (0 < self.top_mass <= 1, f"--top-mass must be in (0, 1] (got {self.top_mass})"),
+            (self.kl_direction in ("forward", "reverse"), f"--kl must be forward or reverse (got {self.kl_direction})"),
+            (self.temperature > 0, f"--kl-temperature must be > 0 (got {self.temperature})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MtpdError(message)
+        return self

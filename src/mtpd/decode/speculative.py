@@ -1,0 +1,112 @@
+"""Lossless self-speculative decoding with cascaded MTP heads (DESIGN §4).
+
+Per step, with `count` tokens per row in `seq` (the last one, the pending token, not yet run through the
+main model, so the main KV cache holds positions 0..count-2):
+
+  draft    head k at position count-2 reads (h{k-1}, Emb(seq[count-2+k])) and proposes seq[count-1+k]
+  verify   the main model runs once over seq[count-1 .. count-1+D] (pending token + D drafts)
+  accept   the acceptance rule keeps a prefix of a drafts and picks one more token from the main model
+
+Caches are never copied or recomputed from the start. The main cache is "cut back" by lowering `count`.
+Head k's entry at position i depends on token seq[i+k], so its last entries were computed from drafts;
+per row we keep how many positions each head computed, and the valid prefix is
+`min(computed, count - 1 - k)`. Each step a head recomputes only from there (its "chunk"), which both
+repairs entries built on rejected drafts and fills entries for newly accepted tokens, in one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mtpd.decode.acceptance import Greedy
+from mtpd.decode.generation import Generation, collect, finished, make_batch
+from mtpd.model import MTPModel
+
+
+def _gather_rows(buffer: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """buffer [B, L, d], positions [B, T] -> [B, T, d]."""
+    return buffer.gather(1, positions[..., None].expand(-1, -1, buffer.shape[-1]))
+
+
+def _scatter_rows(buffer: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    buffer.scatter_(1, positions[..., None].expand(-1, -1, buffer.shape[-1]), values)
+
+
+@torch.no_grad()
+def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, rule=Greedy(),
+                         num_heads: int | None = None, eos_id: int | None = None,
+                         generator: torch.Generator | None = None,
+                         on_tokens: Callable[[list[list[int]]], None] | None = None) -> Generation:
+    K = model.num_heads if num_heads is None else min(num_heads, model.num_heads)
+    main, rotary = model.main, model.main.rotary
+    context = model.cfg.max_seq_len
+    device = main.lm_head.weight.device
+    batch = make_batch(prompts, max_new_tokens, context, K + 1, device)
+    seq = batch.seq
+    B, P, capacity = seq.shape[0], batch.max_prompt_len, seq.shape[1]
+    rows = torch.arange(B, device=device)
+
+    main_cache = main.new_cache(B, capacity)
+    head_caches = model.new_head_caches(B, capacity)[:K]
+    # hidden[j] = h{j} per position: the main model's (j = 0) and head j's outputs, inputs of head j+1
+    hidden = torch.zeros(K, B, capacity, model.cfg.d_model, device=device, dtype=main.lm_head.weight.dtype)
+    computed = torch.zeros(K + 1, B, dtype=torch.long, device=device)  # computed[k]: positions head k ran on
+
+    # Prefill: the main model over the prompts gives h0 and the first new token.
+    positions = torch.arange(P, device=device).expand(B, P)
+    h0 = main(seq[:, :P], rotary.cached_span(positions), main_cache)
+    if K:
+        hidden[0, :, :P] = h0
+    token, _ = rule.choose(main.logits(h0[rows, batch.prompt_len - 1]), generator)
+    seq[rows, batch.prompt_len] = token
+    count = batch.prompt_len + 1
+    if on_tokens is not None:
+        on_tokens([[int(t)] for t in token])
+    active = ~finished(batch, count, count - 1, eos_id)
+    generation = Generation([], 0)
+
+    while bool(active.any()):
+        # Fewer drafts near the end of the context: verification must stay inside it.
+        room = int(torch.where(active, context - count, context).min())
+        D = max(0, min(K, room))
+        drafts, draft_probs = [], []
+        for k in range(1, D + 1):
+            valid = torch.minimum(computed[k], count - 1 - k).clamp_min(0)
+            chunk = int((count - 1 - valid).max())
+            start = (count - 1 - chunk).clamp_min(0)
+            positions = start[:, None] + torch.arange(chunk, device=device)
+            h = model.heads[k - 1](_gather_rows(hidden[k - 1], positions), main.embed(seq.gather(1, positions + k)),
+                                   rotary.cached_span(positions), head_caches[k - 1])
+            if k < K:
+                _scatter_rows(hidden[k], positions, h)
+            computed[k] = count - 1
+            last = h[rows, count - 2 - start]
+            token, probs = rule.choose(model.head_logits(k, last), generator)
+            seq[rows, count - 1 + k] = token
+            drafts.append(token)
+            draft_probs.append(probs)
+
+        positions = (count - 1)[:, None] + torch.arange(D + 1, device=device)
+        h0 = main(seq.gather(1, positions), rotary.cached_span(positions), main_cache)
+        if K:
+            _scatter_rows(hidden[0], positions, h0)
+        draft_tokens = torch.stack(drafts, 1) if drafts else seq[:, :0]
+        probs = torch.stack(draft_probs, 1) if drafts and draft_probs[0] is not None else None
+        accepted, token = rule.verify(draft_tokens, probs, main.logits(h0), generator)
+        accepted = torch.where(active, accepted, 0)
+        seq[rows, count + accepted] = torch.where(active, token, seq[rows, count + accepted])
+        new_start = count
+        count = torch.where(active, count + accepted + 1, count)
+        generation.steps += 1
+        for b in range(B):
+            if active[b]:
+                generation.accepted.append(int(accepted[b]))
+                generation.drafted.append(D)
+        if on_tokens is not None:
+            on_tokens([seq[b, int(new_start[b]):int(count[b])].tolist() for b in range(B)])
+        active &= ~finished(batch, count, new_start, eos_id)
+
+    generation.tokens = collect(batch, count, eos_id)
+    return generation

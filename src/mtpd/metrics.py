@@ -1,0 +1,36 @@
+"""Acceptance metrics (DESIGN §5): one definition, used by training evaluation, decoding and benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def offline_acceptance(head_logits: torch.Tensor, main_logits: torch.Tensor, k: int) -> tuple[int, int]:
+    """Teacher-forced acceptance of head k: (matches, positions) where head k's top-1 equals the main head's
+    top-1 for the same target token (the main head at position i + k)."""
+    teacher = main_logits[:, k:k + head_logits.shape[1]]
+    matches = (head_logits.argmax(-1) == teacher.argmax(-1)).sum()
+    return int(matches), head_logits.shape[0] * head_logits.shape[1]
+
+
+def acceptance_rates(accepted_per_step: Sequence[int], num_drafts: int) -> list[float]:
+    """AR_k: among steps that reached draft k (drafts 1..k-1 accepted), the fraction that accepted draft k."""
+    rates = []
+    for k in range(1, num_drafts + 1):
+        reached = sum(1 for a in accepted_per_step if a >= k - 1)
+        accepted = sum(1 for a in accepted_per_step if a >= k)
+        rates.append(accepted / reached if reached else 0.0)
+    return rates
+
+
+def cumulative_acceptance(accepted_per_step: Sequence[int], num_drafts: int) -> list[float]:
+    """CAR_k: fraction of steps that accepted at least k drafts (= AR_1 * ... * AR_k)."""
+    n = len(accepted_per_step)
+    return [sum(1 for a in accepted_per_step if a >= k) / n if n else 0.0 for k in range(1, num_drafts + 1)]
+
+
+def mean_accepted_tokens(accepted_per_step: Sequence[int]) -> float:
+    """tau: tokens emitted per main-model verification = 1 + mean accepted drafts."""
+    return 1.0 + sum(accepted_per_step) / len(accepted_per_step) if accepted_per_step else 0.0

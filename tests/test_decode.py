@@ -1,0 +1,169 @@
+import pytest
+import torch
+
+from mtpd.decode import Greedy, SpeculativeSampling, autoregressive_generate, sampling_probs, speculative_generate
+from mtpd.errors import MtpdError
+from conftest import micro_model
+
+VOCAB = 320
+
+
+def markov_tokens(n: int, seed: int) -> torch.Tensor:
+    """A low-entropy order-1 chain: each token has 2 likely successors, so heads can learn to draft."""
+    g = torch.Generator().manual_seed(seed)
+    successors = torch.randint(0, 40, (40, 2), generator=g)
+    tokens = [0]
+    for _ in range(n - 1):
+        options = successors[tokens[-1]]
+        tokens.append(int(options[0] if torch.rand((), generator=g) < 0.8 else options[1]))
+    return torch.tensor(tokens)
+
+
+@pytest.fixture(scope="module")
+def trained_model():
+    """A micro model with 4 heads trained for a few seconds: drafts are accepted often, not always."""
+    torch.manual_seed(0)
+    model = micro_model(heads=4).train()
+    stream = markov_tokens(20000, seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(150):
+        starts = torch.randint(0, len(stream) - 65, (16,))
+        window = torch.stack([stream[s:s + 65] for s in starts.tolist()])
+        h0, hidden = model(window[:, :-1])
+        loss = torch.nn.functional.cross_entropy(model.main_logits(h0).flatten(0, 1), window[:, 1:].flatten())
+        for k, hk in enumerate(hidden, start=1):
+            loss = loss + torch.nn.functional.cross_entropy(model.head_logits(k, hk).flatten(0, 1),
+                                                            window[:, k + 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def prompts_from(stream: torch.Tensor, lengths: list[int]) -> list[list[int]]:
+    out, at = [], 0
+    for n in lengths:
+        out.append(stream[at:at + n].tolist())
+        at += n + 7
+    return out
+
+
+@pytest.mark.parametrize("num_heads", [1, 2, 4])
+def test_greedy_speculative_equals_greedy_autoregressive(trained_model, num_heads):
+    prompts = prompts_from(markov_tokens(2000, seed=5), [1, 3, 4, 7, 9, 12, 15, 20, 2, 30, 5, 11])
+    reference = autoregressive_generate(trained_model.main, prompts, 40).tokens
+    accepted = []
+    for prompt, expected in zip(prompts, reference):  # batch size 1
+        result = speculative_generate(trained_model, [prompt], 40, num_heads=num_heads)
+        assert result.tokens[0] == expected
+        accepted += result.accepted
+    for start in range(0, len(prompts), 3):  # batch size 3, rows of different lengths
+        result = speculative_generate(trained_model, prompts[start:start + 3], 40, num_heads=num_heads)
+        assert result.tokens == reference[start:start + 3]
+    mean_accepted = sum(accepted) / len(accepted)
+    assert 0.3 < mean_accepted < num_heads  # the test exercises both acceptance and rejection
+
+
+def test_greedy_speculative_stops_at_eos_mid_draft(trained_model):
+    prompts = prompts_from(markov_tokens(2000, seed=6), [4, 9, 13])
+    free = autoregressive_generate(trained_model.main, prompts, 40).tokens
+    eos = free[0][5]  # a token the model emits early: EOS will fall inside a draft chain
+    reference = autoregressive_generate(trained_model.main, prompts, 40, eos_id=eos).tokens
+    assert reference[0][-1] == eos and len(reference[0]) <= 6
+    for heads in (2, 4):
+        assert speculative_generate(trained_model, prompts, 40, num_heads=heads, eos_id=eos).tokens == reference
+        for prompt, expected in zip(prompts, reference):
+            assert speculative_generate(trained_model, [prompt], 40, num_heads=heads, eos_id=eos).tokens[0] == expected
+
+
+def test_no_cache_baseline_equals_cached_baseline(trained_model):
+    prompts = prompts_from(markov_tokens(500, seed=7), [3, 8, 5])
+    cached = autoregressive_generate(trained_model.main, prompts, 25)
+    uncached = autoregressive_generate(trained_model.main, prompts, 25, use_cache=False)
+    assert cached.tokens == uncached.tokens
+
+
+def test_generation_stops_at_context_end_identically(trained_model):
+    context = trained_model.cfg.max_seq_len
+    prompt = markov_tokens(context - 6, seed=8).tolist()
+    reference = autoregressive_generate(trained_model.main, [prompt], 50).tokens[0]
+    assert len(reference) == 6
+    assert speculative_generate(trained_model, [prompt], 50).tokens[0] == reference
+
+
+def test_prompt_longer_than_context_is_a_clear_error(trained_model):
+    prompt = [1] * trained_model.cfg.max_seq_len
+    with pytest.raises(MtpdError, match="context"):
+        speculative_generate(trained_model, [prompt], 5)
+    with pytest.raises(MtpdError, match="context"):
+        autoregressive_generate(trained_model.main, [prompt], 5)
+
+
+def test_sampling_seeds_reproduce(trained_model):
+    prompts = prompts_from(markov_tokens(500, seed=9), [5, 9])
+    rule = SpeculativeSampling(temperature=0.8, top_k=20)
+    a = speculative_generate(trained_model, prompts, 20, rule, generator=torch.Generator().manual_seed(3))
+    b = speculative_generate(trained_model, prompts, 20, rule, generator=torch.Generator().manual_seed(3))
+    assert a.tokens == b.tokens and all(len(t) == 20 for t in a.tokens)
+
+
+CHI2_CRITICAL_DF5_P001 = 20.515  # chi-squared quantile, 5 degrees of freedom, p = 0.001
+
+
+def chi_squared(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("num_drafts", [1, 3])
+def test_speculative_sampling_preserves_target_distribution(num_drafts):
+    """First emitted token of one verification ~ p, although drafts come from a very different q."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1234)
+    V, N = 6, 60000
+    target_logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0])
+    draft_logits = torch.tensor([-1.0, 0.0, 2.5, 0.3, 1.0, -2.0])
+    rule = SpeculativeSampling(temperature=1.0)
+    p, q = rule.probs(target_logits), rule.probs(draft_logits)
+    drafts = torch.multinomial(q.expand(N, V), num_drafts, replacement=True, generator=g)
+    accepted, next_token = rule.verify(drafts, q.expand(N, num_drafts, V), target_logits.expand(N, num_drafts + 1, V),
+                                       generator=g)
+    first = torch.where(accepted > 0, drafts[:, 0], next_token)
+    counts = torch.bincount(first, minlength=V).float()
+    assert chi_squared(counts, p) < CHI2_CRITICAL_DF5_P001
+    # and the draft distribution alone would fail the same test: the test has power
+    assert chi_squared(torch.bincount(drafts[:, 0], minlength=V).float(), p) > 100 * CHI2_CRITICAL_DF5_P001
+
+
+def test_speculative_sampling_end_to_end_matches_autoregressive_sampling(trained_model):
+    """Distribution of the 2nd generated token (after drafting) matches plain sampling, from one prompt."""
+    prompts = [[5, 17, 3]] * 400  # rows sample independently: one batched call gives 400 draws
+    rule = SpeculativeSampling(temperature=1.5)
+    spec_g, ar_g = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    spec = [t[1] for t in speculative_generate(trained_model, prompts, 2, rule, generator=spec_g).tokens]
+    ar = [t[1] for t in autoregressive_generate(trained_model.main, prompts, 2, rule, generator=ar_g).tokens]
+    # Compare the two empirical distributions with a two-sample chi-squared over tokens seen >= 10 times.
+    tokens = sorted({t for t in spec + ar if spec.count(t) + ar.count(t) >= 10})
+    stat = sum((spec.count(t) - ar.count(t)) ** 2 / (spec.count(t) + ar.count(t)) for t in tokens)
+    critical = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88}
+    assert stat < critical.get(len(tokens) - 1, 30.0)
+
+
+def test_greedy_rule_accepts_matching_prefix():
+    target = torch.full((2, 4, 10), -1.0)
+    target[0, torch.arange(4), torch.tensor([3, 5, 7, 9])] = 1.0
+    target[1, torch.arange(4), torch.tensor([3, 2, 7, 9])] = 1.0
+    drafts = torch.tensor([[3, 5, 7], [3, 5, 7]])
+    accepted, next_token = Greedy().verify(drafts, None, target)
+    assert accepted.tolist() == [3, 1]
+    assert next_token.tolist() == [9, 2]
+
+
+def test_sampling_probs_top_k_and_top_p():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert (sampling_probs(logits, top_k=2)[0, 2:] == 0).all()
+    probs = sampling_probs(logits, top_p=0.7)
+    full = logits.softmax(-1)[0]
+    assert full[0] < 0.7 < full[0] + full[1]
+    assert (probs[0, 2:] == 0).all() and probs[0, :2].sum().item() == pytest.approx(1.0)
+    assert torch.allclose(sampling_probs(logits, temperature=0.5), (logits / 0.5).softmax(-1))
