@@ -1,0 +1,46 @@
+"""Teacher-forced evaluation on validation windows: main-head loss and perplexity, per-head cross-entropy,
+and offline acceptance per head (DESIGN §5)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mtpd.losses import cross_entropy, head_targets
+from mtpd.metrics import offline_acceptance
+from mtpd.model import MTPModel
+
+
+@torch.no_grad()
+def evaluate(model: MTPModel, windows: torch.Tensor, batch_size: int = 8, autocast_dtype: torch.dtype | None = None) -> dict:
+    """Metrics over windows [N, T+1]. Losses are averaged over windows, acceptance over positions."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    K = model.num_heads
+    main_loss, head_loss = 0.0, [0.0] * K
+    matches, positions = [0] * K, [0] * K
+    for start in range(0, len(windows), batch_size):
+        window = windows[start:start + batch_size].to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            h0, hidden = model(window[:, :-1])
+            main_logits = model.main_logits(h0).float()
+            # Weighted by the batch's windows: the last batch may be smaller, and every window counts once.
+            main_loss += cross_entropy(main_logits, head_targets(window, 0)).item() * len(window)
+            for k, hk in enumerate(hidden, start=1):
+                logits = model.head_logits(k, hk).float()
+                head_loss[k - 1] += cross_entropy(logits, head_targets(window, k)).item() * len(window)
+                m, n = offline_acceptance(logits, main_logits, k)
+                matches[k - 1] += m
+                positions[k - 1] += n
+    model.train(was_training)
+    n_windows = max(len(windows), 1)
+    val_loss = main_loss / n_windows
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 50.0)),
+        "head_ce": [loss / n_windows for loss in head_loss],
+        "offline_acceptance": [m / n if n else 0.0 for m, n in zip(matches, positions)],
+        "val_tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
+    }

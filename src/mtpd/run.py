@@ -1,0 +1,143 @@
+"""End-to-end recipes the CLI calls: train a model from scratch, evaluate a checkpoint.
+
+They join the pieces (corpus -> tokenizer -> token tensors -> model -> trainer -> checkpoint) and hold the
+decisions that need more than one piece, like resuming a run from its own saved configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from mtpd.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, read_config
+from mtpd.config import LossConfig, ModelConfig
+from mtpd.data import Corpus, encode_documents, load_corpus, load_or_train_tokenizer, token_cache_path
+from mtpd.errors import MtpdError
+from mtpd.evaluate import evaluate
+from mtpd.data import validation_windows
+from mtpd.model import MTPModel
+from mtpd.train import Trainer, TrainConfig
+
+
+@dataclass
+class TokenizedCorpus:
+    corpus: Corpus
+    tokenizer: Tokenizer
+    train: torch.Tensor
+    val: torch.Tensor
+
+    def reference(self, data_path: str | None) -> dict:
+        """What config.json records so eval and resume can find the same data again."""
+        return {"path": None if data_path is None else str(Path(data_path).resolve()), "name": self.corpus.name,
+                "fingerprint": self.corpus.fingerprint, "train_tokens": int(self.train.numel()),
+                "val_tokens": int(self.val.numel())}
+
+
+def tokenized_corpus(data_path: str | None, vocab_size: int | None = None, tokenizer_path: str | None = None,
+                     tokenizer: Tokenizer | None = None, splits: tuple[str, ...] = ("train", "val")) -> TokenizedCorpus:
+    corpus = load_corpus(data_path)
+    if tokenizer is None:
+        tokenizer = load_or_train_tokenizer(corpus, vocab_size, tokenizer_path)
+    tensors = {split: encode_documents(tokenizer, getattr(corpus, split), token_cache_path(corpus, tokenizer, split))
+               if split in splits else torch.empty(0, dtype=torch.int32) for split in ("train", "val")}
+    return TokenizedCorpus(corpus, tokenizer, tensors["train"], tensors["val"])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MtpdError("--device cuda was requested but no CUDA device is available: use --device cpu")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise MtpdError(f"unknown device '{name}': use cpu, cuda or auto")
+    return torch.device(name)
+
+
+def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, loss_cfg: LossConfig, out_dir: str | Path,
+             data_path: str | None = None, tokenizer_path: str | None = None, resume: bool = False,
+             device: str = "auto", show_progress: bool = True, log=print) -> tuple[dict, Path]:
+    """Joint pretraining of the main model and its heads (DESIGN §3.1). Returns final eval metrics and the
+    checkpoint path. With resume, the run's saved configuration is used and the given one ignored, except
+    for a budget set in train_cfg (see resumed_train_config)."""
+    out_dir = Path(out_dir)
+    dev = resolve_device(device)
+    existing = list_checkpoints(out_dir)
+    if existing and not resume:
+        raise MtpdError(f"{out_dir} already holds checkpoints (latest step {existing[-1][0]}): pass --resume to "
+                        f"continue that run, or choose another --out")
+    history = [{"event": "pretrain", "heads": model_cfg.mtp_heads}]
+    if resume and existing:
+        saved = read_config(existing[-1][1])
+        model_cfg = ModelConfig.from_dict(saved["model"])
+        train_cfg = resumed_train_config(saved["train"], train_cfg)
+        loss_cfg = LossConfig(**saved["loss"])
+        data_path = saved["data"]["path"]
+        tokenizer_path = str(existing[-1][1] / "tokenizer.json")
+        history = saved.get("history", history)
+    _check_writable(out_dir)
+    data = tokenized_corpus(data_path, model_cfg.vocab_size, tokenizer_path)
+    # The tokenizer decides the vocabulary (a small corpus can yield fewer tokens than asked for).
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=data.tokenizer.get_vocab_size()).validate()
+    if train_cfg.seq_len > model_cfg.max_seq_len:
+        raise MtpdError(f"--seq-len {train_cfg.seq_len} exceeds the model's context {model_cfg.max_seq_len}: "
+                        f"lower --seq-len or raise --max-seq-len")
+    torch.manual_seed(train_cfg.seed)
+    model = MTPModel(model_cfg)
+    meta = {"data": data.reference(data_path), "history": history}
+    trainer = Trainer(model, data.tokenizer, data.train, data.val, train_cfg, loss_cfg, out_dir, meta, dev,
+                      show_progress)
+    if resume and trainer.resume():
+        budget = ", ".join(f"{k} {v}" for k, v in train_cfg.budget.items() if v is not None)
+        log(f"resuming {out_dir} at step {trainer.step} ({trainer.tokens_seen:,} tokens seen) with its saved "
+            f"configuration; budget: {budget}")
+    log(f"model: {sum(p.numel() for p in model.main.parameters()) / 1e6:.2f}M main + "
+        f"{sum(p.numel() for p in model.heads.parameters()) / 1e6:.2f}M in {model.num_heads} heads; "
+        f"data: {data.corpus.name}, {data.train.numel():,} train / {data.val.numel():,} val tokens; device {dev}")
+    metrics = trainer.fit()
+    return metrics, list_checkpoints(out_dir)[-1][1]
+
+
+def resumed_train_config(saved: dict, given: TrainConfig) -> TrainConfig:
+    """The saved run's training configuration, with the budget replaced when `given` sets one.
+
+    Budgets are totals for the run, so `mtpd train --out X --resume --max-steps 40` continues to step 40.
+    A new budget replaces the whole saved one: a saved --max-tokens must not stop a run extended by steps.
+    Everything else (shapes, data, optimizer, objective) must stay as the checkpoint has it.
+    """
+    cfg = TrainConfig(**saved)
+    if any(v is not None for v in given.budget.values()):
+        cfg = dataclasses.replace(cfg, **given.budget)
+    return cfg.validate()
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise MtpdError(f"cannot write to output directory {out_dir} ({exc.strerror}): choose another --out") from None
+
+
+def evaluate_checkpoint(ckpt: str | Path, data_path: str | None = None, seq_len: int | None = None,
+                        windows: int = 64, device: str = "auto") -> tuple[dict, Checkpoint]:
+    """Validation metrics of a checkpoint on its own corpus's validation split (or on --data)."""
+    if windows < 1:
+        raise MtpdError(f"--windows must be >= 1 (got {windows})")
+    if seq_len is not None and seq_len < 2:
+        raise MtpdError(f"--seq-len must be >= 2 (got {seq_len})")
+    checkpoint = load_checkpoint(ckpt, resolve_device(device))
+    if data_path is None:
+        data_path = checkpoint.config.get("data", {}).get("path")
+    data = tokenized_corpus(data_path, tokenizer=checkpoint.tokenizer, splits=("val",))
+    seq_len = seq_len or checkpoint.config.get("train", {}).get("seq_len") or checkpoint.model.cfg.max_seq_len
+    seq_len = min(seq_len, checkpoint.model.cfg.max_seq_len)
+    metrics = evaluate(checkpoint.model, validation_windows(data.val, seq_len, windows))
+    metrics |= {"checkpoint": str(checkpoint.path), "data": data.corpus.name, "seq_len": seq_len,
+                "heads": checkpoint.model.num_heads}
+    return metrics, checkpoint

@@ -1,0 +1,355 @@
+"""One trainer for every mode (DESIGN §3).
+
+    joint pretraining      everything trains
+    head-only (frozen)     freeze_main=True: the main model is frozen, only the heads train
+    looped extension       freeze_main=True, frozen_heads=m: heads 1..m frozen too, only the new ones train
+
+Frozen parts are not in the optimizer, get no gradient, and run under no_grad (cheaper and bit-identical
+afterwards). The loop is plain PyTorch: AdamW, warm-up + cosine schedule, gradient accumulation and
+clipping, optional bf16 autocast, periodic evaluation and atomic checkpoints with exact resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from mtpd.checkpoint import (STATE_FILE, WEIGHTS_FILE, check_weights_match, checkpoint_dir, list_checkpoints,
+                             prune_checkpoints, save_checkpoint)
+from mtpd.config import LossConfig
+from mtpd.data import TokenBatches, validation_windows
+from mtpd.errors import MtpdError
+from mtpd.evaluate import evaluate
+from mtpd.losses import LossTerms, mtp_d_loss, top_n_for_mass
+from mtpd.model import MTPModel
+
+
+BUDGET_FIELDS = ("max_steps", "max_tokens", "time_budget")
+# With a time budget, the schedule's horizon is fixed from the speed of this many steps (after one warm-up
+# step, whose allocations and first-call overheads would make the estimate too short).
+PROBE_STEPS = 4
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    time_budget: float | None = None  # seconds of training (evaluation and saving excluded)
+    eval_every: int = 100
+    eval_windows: int = 32
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    seed: int = 0
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    freeze_main: bool = False
+    frozen_heads: int = 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    @property
+    def budget(self) -> dict:
+        """The limits that stop training; totals over the whole run, resumed segments included."""
+        return {name: getattr(self, name) for name in BUDGET_FIELDS}
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
+            (self.seq_len >= 2, f"--seq-len must be >= 2 (got {self.seq_len})"),
+            (self.grad_accum >= 1, f"--grad-accum must be >= 1 (got {self.grad_accum})"),
+            (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1 (got {self.max_steps})"),
+            (self.max_tokens is None or self.max_tokens >= 1, f"--max-tokens must be >= 1 (got {self.max_tokens})"),
+            (self.time_budget is None or self.time_budget > 0, f"--time-budget must be > 0 (got {self.time_budget})"),
+            (self.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {self.warmup_steps})"),
+            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0 (got {self.weight_decay})"),
+            (self.grad_clip >= 0, f"--grad-clip must be >= 0, 0 = off (got {self.grad_clip})"),
+            (self.eval_every >= 1 and self.save_every >= 1, "--eval-every and --save-every must be >= 1"),
+            (self.eval_windows >= 1, f"--eval-windows must be >= 1 (got {self.eval_windows})"),
+            # 0 would delete every checkpoint, including the one just written, and with it --resume.
+            (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1 (got {self.keep_checkpoints})"),
+            (self.frozen_heads >= 0, f"frozen_heads must be >= 0 (got {self.frozen_heads})"),
+            (self.dtype in ("auto", "fp32", "bf16"), f"--dtype must be auto, fp32 or bf16 (got {self.dtype})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MtpdError(message)
+        return self
+
+
+def learning_rate(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at total_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def trainable_parameters(model: MTPModel, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    """Set requires_grad by training mode and return the parameters the optimizer should own."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    modules = [] if cfg.freeze_main else [model.main]
+    modules += list(model.heads[cfg.frozen_heads:])
+    params = []
+    for module in modules:
+        for param in module.parameters():
+            param.requires_grad_(True)
+            params.append(param)
+    if not params:
+        raise MtpdError("nothing to train: the main model is frozen and there are no unfrozen heads")
+    return params
+
+
+class Trainer:
+    def __init__(self, model: MTPModel, tokenizer: Tokenizer, train_tokens: torch.Tensor,
+                 val_tokens: torch.Tensor, cfg: TrainConfig, loss_cfg: LossConfig, out_dir: Path,
+                 meta: dict | None = None, device: str | torch.device = "cpu", show_progress: bool = True):
+        self.cfg, self.loss_cfg = cfg.validate(), loss_cfg.validate()
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.out_dir = Path(out_dir)
+        self.meta = meta or {}
+        self.show_progress = show_progress
+        self.autocast = autocast_dtype(cfg, self.device)
+        self.params = trainable_parameters(model, cfg)
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=cfg.lr, betas=(0.9, 0.95), fused=self.device.type == "cuda")
+        self.batches = TokenBatches(train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+        self.val_windows = validation_windows(val_tokens, cfg.seq_len, cfg.eval_windows)
+        self.step = 0
+        self.tokens_seen = 0
+        self.elapsed = 0.0  # seconds spent in training steps, summed over resumed segments
+        self.total_steps = self._planned_steps()
+        self.horizon_by_time = False  # True once a time budget has fixed total_steps
+        self.top_n = loss_cfg.top_n
+        self.last_eval: dict = {}
+        self.last_eval_step = -1
+        self.last_save_step = -1
+
+    # --- budget -----------------------------------------------------------------------------------------
+    def _planned_steps(self) -> int | None:
+        """Steps implied by --max-steps / --max-tokens; None with only a time budget (estimated later)."""
+        candidates = []
+        if self.cfg.max_steps is not None:
+            candidates.append(self.cfg.max_steps)
+        if self.cfg.max_tokens is not None:
+            candidates.append(math.ceil(self.cfg.max_tokens / self.cfg.tokens_per_step))
+        if not candidates and self.cfg.time_budget is None:
+            raise MtpdError("no training budget: pass --max-steps, --max-tokens or --time-budget")
+        return min(candidates) if candidates else None
+
+    def _estimate_total_steps(self, seconds_per_step: float) -> int:
+        """With a time budget, fix the schedule's horizon from the measured speed of the first steps, so the
+        learning rate has decayed when time runs out (also when --max-steps would only be reached later)."""
+        by_time = self.step + int((self.cfg.time_budget - self.elapsed) / seconds_per_step)
+        return max(self.step + 1, by_time if self.total_steps is None else min(self.total_steps, by_time))
+
+    def _budget_reached(self) -> bool:
+        if self.total_steps is not None and self.step >= self.total_steps:
+            return True
+        return self.cfg.time_budget is not None and self.elapsed >= self.cfg.time_budget
+
+    # --- one optimisation step ----------------------------------------------------------------------------
+    def loss(self, window: torch.Tensor) -> LossTerms:
+        inputs = window[:, :-1]
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            if self.cfg.freeze_main:
+                with torch.no_grad():
+                    h0 = self.model.main(inputs)
+                    main_logits = self.model.main_logits(h0)
+            else:
+                h0 = self.model.main(inputs)
+                main_logits = self.model.main_logits(h0)
+            hidden = self.model.run_heads(h0, inputs, frozen=self.cfg.frozen_heads)
+            head_logits = [self.model.head_logits(k, hk) for k, hk in enumerate(hidden, start=1)]
+            loss_cfg = self.loss_cfg
+            if self.cfg.freeze_main:
+                loss_cfg = dataclasses.replace(loss_cfg, main_weight=0.0)
+            return mtp_d_loss(window, main_logits, head_logits, loss_cfg, self.top_n)
+
+    def train_step(self) -> dict:
+        lr = learning_rate(self.step, self.total_steps or 10**9, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        totals = None
+        for _ in range(self.cfg.grad_accum):
+            window = self.batches.next_batch().to(self.device)
+            terms = self.loss(window)
+            if not torch.isfinite(terms.total):
+                last = list_checkpoints(self.out_dir)
+                kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+                raise MtpdError(f"loss became {terms.total.item()} at step {self.step + 1}; training stopped and "
+                                f"{kept}: lower --lr (now {self.cfg.lr}) or use --dtype fp32, then --resume")
+            (terms.total / self.cfg.grad_accum).backward()
+            stats = {"loss": terms.total.item(), "ce0": terms.main_ce.item(),
+                     **{f"ce{k}": ce.item() for k, ce in enumerate(terms.head_ce, 1)},
+                     **{f"kl{k}": kl.item() for k, kl in enumerate(terms.head_kl, 1)}}
+            totals = stats if totals is None else {k: totals[k] + v for k, v in stats.items()}
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.cfg.tokens_per_step
+        return {k: v / self.cfg.grad_accum for k, v in totals.items()} | {"lr": lr}
+
+    # --- evaluation, logging, checkpoints -------------------------------------------------------------------
+    def run_eval(self) -> dict:
+        metrics = evaluate(self.model, self.val_windows, batch_size=self.cfg.batch_size, autocast_dtype=self.autocast)
+        self._refresh_top_n()
+        self.last_eval, self.last_eval_step = metrics, self.step
+        self.log({"event": "eval", "step": self.step, "tokens": self.tokens_seen, **metrics, "top_n": self.top_n})
+        return metrics
+
+    @torch.no_grad()
+    def _refresh_top_n(self) -> None:
+        """Re-pick N so the teacher's top-N covers `top_mass` of its probability on average (DESIGN §2).
+
+        Only when the user did not set --top-n. Past half the vocabulary, gathering N logits costs more than
+        the full softmax and changes the result by < 1 - top_mass of the mass, so the full vocabulary is used.
+        """
+        if self.loss_cfg.top_n is not None or not self.loss_cfg.resolved_beta(self.model.num_heads):
+            return
+        window = self.val_windows[: self.cfg.batch_size].to(self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            logits = self.model.main_logits(self.model.main(window[:, :-1]))
+        n = top_n_for_mass(logits, self.loss_cfg.top_mass)
+        self.top_n = n if n <= logits.shape[-1] // 2 else None
+
+    def log(self, record: dict) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
+                "total_steps": self.total_steps, "horizon_by_time": self.horizon_by_time, "budget": self.cfg.budget,
+                "top_n": self.top_n, "last_eval": self.last_eval, "last_eval_step": self.last_eval_step,
+                "optimizer": self.optimizer.state_dict(), "batches": self.batches.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+        self.top_n = state["top_n"]
+        self.last_eval, self.last_eval_step = state.get("last_eval", {}), state.get("last_eval_step", -1)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.load_state_dict(state["batches"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state.get("budget", self.cfg.budget) == self.cfg.budget:
+            self.total_steps, self.horizon_by_time = state["total_steps"], state.get("horizon_by_time", False)
+        else:
+            self._replan()
+
+    def _replan(self) -> None:
+        """A resumed run given a new budget: the cosine schedule is stretched (or shrunk) to the new end."""
+        self.total_steps, self.horizon_by_time = self._planned_steps(), False
+        if self.total_steps is not None and self.total_steps < self.step:
+            raise MtpdError(f"the run is already at step {self.step} ({self.tokens_seen:,} tokens), past the new "
+                            f"budget of {self.total_steps} steps: pass a larger --max-steps / --max-tokens")
+
+    def resume(self) -> bool:
+        """Continue from the run's latest checkpoint (weights, optimizer, data position, schedule)."""
+        checkpoints = list_checkpoints(self.out_dir)
+        if not checkpoints:
+            return False
+        _, path = checkpoints[-1]
+        if not (path / STATE_FILE).is_file():
+            raise MtpdError(f"checkpoint {path} has no {STATE_FILE}, so its training cannot be resumed: "
+                            f"start a new run with another --out")
+        check_weights_match(self.model, path / WEIGHTS_FILE)
+        load_model(self.model, str(path / WEIGHTS_FILE), device=str(self.device))
+        self.load_state_dict(torch.load(path / STATE_FILE, map_location=self.device, weights_only=False))
+        self.last_save_step = self.step
+        return True
+
+    def save(self) -> Path:
+        meta = {**self.meta, "loss": dataclasses.asdict(self.loss_cfg), "train": dataclasses.asdict(self.cfg),
+                "state": {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": round(self.elapsed, 1),
+                          "top_n": self.top_n, **{f"eval_{k}": v for k, v in self.last_eval.items()}}}
+        path = save_checkpoint(checkpoint_dir(self.out_dir, self.step), self.model, self.tokenizer, meta,
+                               self.state_dict())
+        self.last_save_step = self.step
+        prune_checkpoints(self.out_dir, self.cfg.keep_checkpoints)
+        return path
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train until the budget is reached; evaluate and checkpoint at the end. Returns the last evaluation."""
+        if self.step == 0:  # a resumed run keeps the random state restored from its checkpoint
+            torch.manual_seed(self.cfg.seed)
+            self._refresh_top_n()
+            self.log({"event": "start", "config": dataclasses.asdict(self.cfg), "loss": dataclasses.asdict(self.loss_cfg),
+                      "trainable_params": sum(p.numel() for p in self.params)})
+        self.model.train()
+        with tqdm(total=self.total_steps, initial=self.step, disable=not self.show_progress, unit="step",
+                  dynamic_ncols=True, desc="train") as bar:
+            self._loop(bar)
+        if self.total_steps is None or self.step < self.total_steps:  # stopped by the time budget
+            self.total_steps = self.step
+        if self.last_eval_step != self.step:
+            self.run_eval()
+        if self.last_save_step != self.step:
+            self.save()
+        return self.last_eval
+
+    def _loop(self, bar: tqdm) -> None:
+        first_step, probe_seconds = self.step, 0.0
+        while not self._budget_reached():
+            started = time.perf_counter()
+            stats = self.train_step()
+            seconds = time.perf_counter() - started
+            self.elapsed += seconds
+            if self.cfg.time_budget is not None and not self.horizon_by_time and self.step - first_step > 1:
+                probe_seconds += seconds
+                if self.step - first_step == PROBE_STEPS + 1:
+                    self.total_steps = self._estimate_total_steps(probe_seconds / PROBE_STEPS)
+                    self.horizon_by_time, bar.total = True, self.total_steps
+            bar.update(1)
+            bar.set_postfix(self._postfix(stats, seconds), refresh=False)
+            if self.step % 10 == 0:
+                self.log({"event": "train", "step": self.step, "tokens": self.tokens_seen,
+                          "tok_per_s": self.cfg.tokens_per_step / seconds, **stats})
+            if self.step % self.cfg.eval_every == 0:
+                self.run_eval()
+            if self.step % self.cfg.save_every == 0:
+                self.save()
+
+    def _postfix(self, stats: dict, seconds: float) -> dict:
+        shown = {"loss": f"{stats['loss']:.3f}", "ce0": f"{stats['ce0']:.2f}"}
+        for k in range(1, self.model.num_heads + 1):
+            if f"ce{k}" in stats:
+                shown[f"h{k}"] = f"{stats[f'ce{k}']:.2f}/{stats[f'kl{k}']:.2f}"
+        shown["tok/s"] = f"{self.cfg.tokens_per_step / seconds:.0f}"
+        return shown
