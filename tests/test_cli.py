@@ -1,0 +1,174 @@
+"""The command line: user mistakes give one `error:` line and exit status 2; train -> eval -> resume works."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import micro_model
+from mtpd.checkpoint import checkpoint_dir, list_checkpoints, save_checkpoint
+from mtpd.cli import main
+from mtpd.config import PRESETS
+from mtpd.data import load_corpus, train_tokenizer
+
+MICRO = ["--preset", "micro", "--heads", "2", "--vocab-size", "300", "--batch-size", "4", "--seq-len", "32", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # micro models gain nothing from a second thread on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, err)
+
+
+def saved_run(run_dir, corpus_dir, step: int = 5):
+    """A run directory holding one checkpoint of a micro model trained (not really) on corpus_dir."""
+    tokenizer = train_tokenizer(load_corpus(str(corpus_dir)).train, 300)
+    model = micro_model(2, vocab_size=tokenizer.get_vocab_size())
+    meta = {"data": {"path": str(corpus_dir), "name": str(corpus_dir)}, "train": {"seq_len": 32}}
+    return save_checkpoint(checkpoint_dir(run_dir, step), model, tokenizer, meta)
+
+
+def test_python_m_mtpd_reports_a_missing_data_path_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mtpd", "train", *MICRO, "--data", "/nonexistent",
+                             "--max-steps", "1", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert_one_line_error(result.returncode, result.stderr, "/nonexistent", "does not exist")
+
+
+def test_missing_data_path_is_one_line(tmp_path, capsys):
+    code, _, err = run(capsys, "train", *MICRO, "--data", "/nonexistent", "--max-steps", "1", "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "data path '/nonexistent' does not exist", "--data")
+
+
+def test_empty_corpus_dir_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "train", *MICRO, "--data", tmp_path / "empty", "--max-steps", "1", "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "no documents found under")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--heads", "0"], "--heads must be >= 1 (got 0)"),
+    (["--beta", "-1"], "--beta must be >= 0 (got -1.0)"),
+    (["--top-n", "0"], "--top-n must be >= 1 (got 0)"),
+    (["--max-steps", "0"], "--max-steps must be >= 1"),
+    (["--preset", "huge"], "unknown preset 'huge': choose one of " + ", ".join(PRESETS)),
+])
+def test_bad_train_flags_are_one_line_errors(flags, fragment, tmp_path, capsys, corpus_dir):
+    args = ["train", *MICRO, "--data", corpus_dir, "--max-steps", "1", "--out", tmp_path / "run", *flags]
+    code, _, err = run(capsys, *args)
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "run").exists()  # rejected before any work
+
+
+def test_bad_flag_is_reported_before_a_missing_budget(tmp_path, capsys):
+    code, _, err = run(capsys, "train", *MICRO, "--beta", "-1", "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "--beta")
+
+
+def test_missing_budget_is_one_line(tmp_path, capsys):
+    code, _, err = run(capsys, "train", *MICRO, "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "no training budget", "--max-steps")
+
+
+def snapshot(root) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_existing_run_without_resume_is_refused_and_left_untouched(tmp_path, capsys, corpus_dir):
+    run_dir = tmp_path / "run"
+    saved_run(run_dir, corpus_dir)
+    (run_dir / "metrics.jsonl").write_text('{"event": "start"}\n')
+    before = snapshot(run_dir)
+
+    code, _, err = run(capsys, "train", *MICRO, "--data", corpus_dir, "--max-steps", "1", "--out", run_dir)
+
+    assert_one_line_error(code, err, "already holds checkpoints (latest step 5)", "--resume")
+    assert snapshot(run_dir) == before
+
+
+def test_eval_of_a_missing_checkpoint_is_one_line(tmp_path, capsys):
+    code, _, err = run(capsys, "eval", "--ckpt", tmp_path / "nothing")
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_eval_of_a_checkpoint_from_another_model_names_the_mismatch(tmp_path, capsys, corpus_dir):
+    path = saved_run(tmp_path / "run", corpus_dir)
+    config = json.loads((path / "config.json").read_text())
+    config["model"]["d_model"] = 64
+    (path / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "eval", "--ckpt", tmp_path / "run")
+    assert_one_line_error(code, err, "shape mismatch for '", "different models")
+
+
+def test_eval_rejects_zero_windows(tmp_path, capsys, corpus_dir):
+    saved_run(tmp_path / "run", corpus_dir)
+    code, _, err = run(capsys, "eval", "--ckpt", tmp_path / "run", "--windows", "0")
+    assert_one_line_error(code, err, "--windows must be >= 1")
+
+
+def test_train_eval_resume_end_to_end(tmp_path, capsys, corpus_dir):
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "train", *MICRO, "--data", corpus_dir, "--max-steps", "20", "--out", out)
+    assert code == 0, err
+    assert [step for step, _ in list_checkpoints(out)] == [20]
+    assert "offline accept" in stdout and f"checkpoint: {checkpoint_dir(out, 20)}" in stdout
+
+    code, stdout, err = run(capsys, "eval", "--ckpt", out, "--json", out / "e.json")
+    assert code == 0, err
+    metrics = json.loads((out / "e.json").read_text())
+    assert metrics["val_loss"] > 0 and metrics["val_ppl"] == pytest.approx(torch.tensor(metrics["val_loss"]).exp().item(),
+                                                                          rel=1e-4)
+    assert len(metrics["head_ce"]) == 2 and len(metrics["offline_acceptance"]) == 2
+    assert all(0 <= a <= 1 for a in metrics["offline_acceptance"])
+    assert metrics["checkpoint"] == str(checkpoint_dir(out, 20))
+
+    # The budget given with --resume replaces the saved one; everything else (here --lr) comes from the run.
+    code, stdout, err = run(capsys, "train", "--out", out, "--resume", "--max-steps", "40", "--lr", "99", "--quiet")
+    assert code == 0, err
+    assert "resuming" in stdout and "step 20" in stdout
+    assert list_checkpoints(out)[-1][0] == 40
+    saved = json.loads((checkpoint_dir(out, 40) / "config.json").read_text())
+    assert saved["train"]["max_steps"] == 40 and saved["train"]["lr"] == 2e-3 and saved["state"]["step"] == 40
+
+    # Without a budget flag, a finished run stays finished.
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--quiet")
+    assert code == 0, err
+    assert list_checkpoints(out)[-1][0] == 40
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "demo"])
+def test_help_exits_cleanly(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: mtpd {command}" in capsys.readouterr().out
+
+
+def test_train_help_lists_the_contracted_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--preset", "--heads", "--data", "--out", "--max-steps", "--max-tokens", "--time-budget", "--beta",
+                 "--alpha-lambda", "--top-n", "--kl", "--no-stop-grad", "--resume", "--device", "--seed"):
+        assert flag in text, flag
