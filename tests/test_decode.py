@@ -29,11 +29,10 @@ def trained_model():
     for step in range(150):
         starts = torch.randint(0, len(stream) - 65, (16,))
         window = torch.stack([stream[s:s + 65] for s in starts.tolist()])
-        h0, hidden = model(window[:, :-1])
-        loss = torch.nn.functional.cross_entropy(model.main_logits(h0).flatten(0, 1), window[:, 1:].flatten())
-        for k, hk in enumerate(hidden, start=1):
-            loss = loss + torch.nn.functional.cross_entropy(model.head_logits(k, hk).flatten(0, 1),
-                                                            window[:, k + 1:].flatten())
+        main_logits, head_logits = model(window[:, :-1])
+        loss = torch.nn.functional.cross_entropy(main_logits.flatten(0, 1), window[:, 1:].flatten())
+        for k, logits in enumerate(head_logits, start=1):
+            loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, k + 1:].flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -104,10 +104,13 @@ def _kl_only_grads(stop_grad: bool):
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 17))
     inputs = tokens[:, :-1]
     h0 = model.main(inputs)
-    main_logits = model.main_logits(h0)
-    # heads read a detached h0: the only path from the loss to the main model is the teacher
-    hidden = model.run_heads(h0.detach(), inputs)
-    head_logits = [model.head_logits(k, h) for k, h in enumerate(hidden, start=1)]
+    main_logits = model.main.logits(h0)
+    # heads read a detached h0 and embeddings: the only path from the loss to the main blocks is the teacher
+    hidden, embeddings, head_logits = h0.detach(), model.main.embed(inputs).detach(), []
+    T = inputs.shape[1]
+    for k, head in enumerate(model.heads, start=1):
+        hidden = head(hidden[:, :T - k], embeddings[:, k:], model.rotary.causal_span(T - k))
+        head_logits.append(model.head_logits(k, hidden))
     cfg = LossConfig(alpha_lambda=0.0, beta=1.0, main_weight=0.0, stop_grad=stop_grad, top_n=50)
     terms = mtp_d_loss(tokens, main_logits, head_logits, cfg)
     terms.total.backward()

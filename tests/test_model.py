@@ -8,9 +8,8 @@ def test_cached_passes_equal_full_pass():
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 24))
     full = model.main(tokens)
     cache = model.main.new_cache(2, 32)
-    rotary = model.main.rotary
     parts = [(0, 10), (10, 11), (11, 17), (17, 24)]
-    outs = [model.main(tokens[:, a:b], rotary.cached_span(torch.arange(a, b).expand(2, -1)), cache) for a, b in parts]
+    outs = [model.main(tokens[:, a:b], torch.arange(a, b).expand(2, -1), cache) for a, b in parts]
     assert torch.allclose(torch.cat(outs, 1), full, atol=1e-5)
 
 
@@ -19,15 +18,14 @@ def test_truncated_cache_equals_recomputed_cache():
     model = micro_model(heads=2)
     V = model.cfg.vocab_size
     prefix, speculative, other = (torch.randint(0, V, (1, n)) for n in (12, 6, 5))
-    rotary = model.main.rotary
     cache = model.main.new_cache(1, 40)
-    model.main(prefix, rotary.cached_span(torch.arange(12)[None]), cache)
-    model.main(speculative, rotary.cached_span(torch.arange(12, 18)[None]), cache)
+    model.main(prefix, torch.arange(12)[None], cache)
+    model.main(speculative, torch.arange(12, 18)[None], cache)
     # cut back to 15 tokens (3 speculative ones accepted): the next pass starts at position 15
-    continued = model.main(other, rotary.cached_span(torch.arange(15, 20)[None]), cache)
+    continued = model.main(other, torch.arange(15, 20)[None], cache)
     scratch_tokens = torch.cat([prefix, speculative[:, :3], other], 1)
     scratch_cache = model.main.new_cache(1, 40)
-    scratch = model.main(scratch_tokens, rotary.cached_span(torch.arange(20)[None]), scratch_cache)
+    scratch = model.main(scratch_tokens, torch.arange(20)[None], scratch_cache)
     assert torch.allclose(continued, scratch[:, 15:], atol=1e-5)
     assert torch.allclose(cache.k[:, :, :, :20], scratch_cache.k[:, :, :, :20], atol=1e-5)
     assert torch.allclose(cache.v[:, :, :, :20], scratch_cache.v[:, :, :, :20], atol=1e-5)
@@ -37,11 +35,10 @@ def test_rows_at_different_positions_equal_separate_rows():
     model = micro_model(heads=1)
     V = model.cfg.vocab_size
     a, b = torch.randint(0, V, (1, 9)), torch.randint(0, V, (1, 9))
-    rotary = model.main.rotary
     cache = model.main.new_cache(2, 16)
     # row 0 has 5 tokens cached, row 1 has 8; then one pass of 1 token each at their own positions
-    model.main(torch.cat([a[:, :8], b[:, :8]]), rotary.cached_span(torch.arange(8).expand(2, -1)), cache)
-    step = model.main(torch.cat([a[:, 5:6], b[:, 8:9]]), rotary.cached_span(torch.tensor([[5], [8]])), cache)
+    model.main(torch.cat([a[:, :8], b[:, :8]]), torch.arange(8).expand(2, -1), cache)
+    step = model.main(torch.cat([a[:, 5:6], b[:, 8:9]]), torch.tensor([[5], [8]]), cache)
     assert torch.allclose(step[0, 0], model.main(a[:, :6])[0, 5], atol=1e-5)
     assert torch.allclose(step[1, 0], model.main(b[:, :9])[0, 8], atol=1e-5)
 

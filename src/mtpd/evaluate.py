@@ -24,16 +24,15 @@ def evaluate(model: MTPModel, windows: torch.Tensor, batch_size: int = 8, autoca
     for start in range(0, len(windows), batch_size):
         window = windows[start:start + batch_size].to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            h0, hidden = model(window[:, :-1])
-            main_logits = model.main_logits(h0).float()
-            # Weighted by the batch's windows: the last batch may be smaller, and every window counts once.
-            main_loss += cross_entropy(main_logits, head_targets(window, 0)).item() * len(window)
-            for k, hk in enumerate(hidden, start=1):
-                logits = model.head_logits(k, hk).float()
-                head_loss[k - 1] += cross_entropy(logits, head_targets(window, k)).item() * len(window)
-                m, n = offline_acceptance(logits, main_logits, k)
-                matches[k - 1] += m
-                positions[k - 1] += n
+            main_logits, head_logits = model(window[:, :-1])
+        main_logits = main_logits.float()
+        # Weighted by the batch's windows: the last batch may be smaller, and every window counts once.
+        main_loss += cross_entropy(main_logits, head_targets(window, 0)).item() * len(window)
+        for k, logits in enumerate(head_logits, start=1):
+            head_loss[k - 1] += cross_entropy(logits, head_targets(window, k)).item() * len(window)
+            m, n = offline_acceptance(logits, main_logits, k)
+            matches[k - 1] += m
+            positions[k - 1] += n
     model.train(was_training)
     n_windows = max(len(windows), 1)
     val_loss = main_loss / n_windows

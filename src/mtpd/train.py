@@ -153,6 +153,8 @@ class Trainer:
         self.total_steps = self._planned_steps()
         self.horizon_by_time = False  # True once a time budget has fixed total_steps
         self.top_n = loss_cfg.top_n
+        # With a frozen main model its cross-entropy is only reported, not optimised.
+        self.objective = dataclasses.replace(loss_cfg, main_weight=0.0) if cfg.freeze_main else loss_cfg
         self.last_eval: dict = {}
         self.last_eval_step = -1
         self.last_save_step = -1
@@ -182,21 +184,9 @@ class Trainer:
 
     # --- one optimisation step ----------------------------------------------------------------------------
     def loss(self, window: torch.Tensor) -> LossTerms:
-        inputs = window[:, :-1]
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            if self.cfg.freeze_main:
-                with torch.no_grad():
-                    h0 = self.model.main(inputs)
-                    main_logits = self.model.main_logits(h0)
-            else:
-                h0 = self.model.main(inputs)
-                main_logits = self.model.main_logits(h0)
-            hidden = self.model.run_heads(h0, inputs, frozen=self.cfg.frozen_heads)
-            head_logits = [self.model.head_logits(k, hk) for k, hk in enumerate(hidden, start=1)]
-            loss_cfg = self.loss_cfg
-            if self.cfg.freeze_main:
-                loss_cfg = dataclasses.replace(loss_cfg, main_weight=0.0)
-            return mtp_d_loss(window, main_logits, head_logits, loss_cfg, self.top_n)
+            main_logits, head_logits = self.model(window[:, :-1])
+            return mtp_d_loss(window, main_logits, head_logits, self.objective, self.top_n)
 
     def train_step(self) -> dict:
         lr = learning_rate(self.step, self.total_steps or 10**9, self.cfg)
@@ -243,7 +233,7 @@ class Trainer:
             return
         window = self.val_windows[: self.cfg.batch_size].to(self.device)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            logits = self.model.main_logits(self.model.main(window[:, :-1]))
+            logits = self.model.main.logits(self.model.main(window[:, :-1]))
         n = top_n_for_mass(logits, self.loss_cfg.top_mass)
         self.top_n = n if n <= logits.shape[-1] // 2 else None
 

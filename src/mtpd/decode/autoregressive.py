@@ -12,22 +12,22 @@ import torch
 
 from mtpd.decode.acceptance import Greedy
 from mtpd.decode.generation import Generation, collect, finished, make_batch
-from mtpd.model import Decoder
+from mtpd.model import Backbone
 
 
 @torch.no_grad()
-def autoregressive_generate(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int, rule=Greedy(),
+def autoregressive_generate(decoder: Backbone, prompts: list[list[int]], max_new_tokens: int, rule=Greedy(),
                             eos_id: int | None = None, use_cache: bool = True,
                             generator: torch.Generator | None = None,
                             on_tokens: Callable[[list[list[int]]], None] | None = None) -> Generation:
-    device = decoder.lm_head.weight.device
-    batch = make_batch(prompts, max_new_tokens, decoder.cfg.max_seq_len, 0, device)
+    device = next(decoder.parameters()).device
+    batch = make_batch(prompts, max_new_tokens, decoder.max_seq_len, 0, device)
     B, P = batch.seq.shape[0], batch.max_prompt_len
     rows = torch.arange(B, device=device)
     count = batch.prompt_len.clone()  # tokens in seq per row
     cache = decoder.new_cache(B, batch.seq.shape[1]) if use_cache else None
     positions = torch.arange(P, device=device).expand(B, P)
-    hidden = decoder(batch.seq[:, :P], decoder.rotary.cached_span(positions) if use_cache else None, cache)
+    hidden = decoder(batch.seq[:, :P], positions, cache)
     last = hidden[rows, count - 1]
     active = torch.ones(B, dtype=torch.bool, device=device)
     steps = 0
@@ -42,7 +42,7 @@ def autoregressive_generate(decoder: Decoder, prompts: list[list[int]], max_new_
         if not bool(active.any()):
             break
         if use_cache:
-            hidden = decoder(token[:, None], decoder.rotary.cached_span((count - 1)[:, None]), cache)
+            hidden = decoder(token[:, None], (count - 1)[:, None], cache)
             last = hidden[:, 0]
         else:
             hidden = decoder(batch.seq[:, :int(count.max())])

@@ -40,9 +40,10 @@ def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_toke
                          generator: torch.Generator | None = None,
                          on_tokens: Callable[[list[list[int]]], None] | None = None) -> Generation:
     K = model.num_heads if num_heads is None else min(num_heads, model.num_heads)
-    main, rotary = model.main, model.main.rotary
-    context = model.cfg.max_seq_len
-    device = main.lm_head.weight.device
+    main = model.main
+    context = main.max_seq_len
+    weight = next(model.parameters())
+    device = weight.device
     batch = make_batch(prompts, max_new_tokens, context, K + 1, device)
     seq = batch.seq
     B, P, capacity = seq.shape[0], batch.max_prompt_len, seq.shape[1]
@@ -51,12 +52,12 @@ def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_toke
     main_cache = main.new_cache(B, capacity)
     head_caches = model.new_head_caches(B, capacity)[:K]
     # hidden[j] = h{j} per position: the main model's (j = 0) and head j's outputs, inputs of head j+1
-    hidden = torch.zeros(K, B, capacity, model.cfg.d_model, device=device, dtype=main.lm_head.weight.dtype)
+    hidden = torch.zeros(K, B, capacity, model.cfg.d_model, device=device, dtype=weight.dtype)
     computed = torch.zeros(K + 1, B, dtype=torch.long, device=device)  # computed[k]: positions head k ran on
 
     # Prefill: the main model over the prompts gives h0 and the first new token.
     positions = torch.arange(P, device=device).expand(B, P)
-    h0 = main(seq[:, :P], rotary.cached_span(positions), main_cache)
+    h0 = main(seq[:, :P], positions, main_cache)
     if K:
         hidden[0, :, :P] = h0
     token, _ = rule.choose(main.logits(h0[rows, batch.prompt_len - 1]), generator)
@@ -77,8 +78,8 @@ def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_toke
             chunk = int((count - 1 - valid).max())
             start = (count - 1 - chunk).clamp_min(0)
             positions = start[:, None] + torch.arange(chunk, device=device)
-            h = model.heads[k - 1](_gather_rows(hidden[k - 1], positions), main.embed(seq.gather(1, positions + k)),
-                                   rotary.cached_span(positions), head_caches[k - 1])
+            h = model.head_step(k, _gather_rows(hidden[k - 1], positions), positions, seq.gather(1, positions + k),
+                                head_caches[k - 1])
             if k < K:
                 _scatter_rows(hidden[k], positions, h)
             computed[k] = count - 1
@@ -89,7 +90,7 @@ def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_toke
             draft_probs.append(probs)
 
         positions = (count - 1)[:, None] + torch.arange(D + 1, device=device)
-        h0 = main(seq.gather(1, positions), rotary.cached_span(positions), main_cache)
+        h0 = main(seq.gather(1, positions), positions, main_cache)
         if K:
             _scatter_rows(hidden[0], positions, h0)
         draft_tokens = torch.stack(drafts, 1) if drafts else seq[:, :0]

@@ -1,4 +1,5 @@
-from mtpd.model.decoder import Decoder, KVCache, Span
+from mtpd.model.backbone import Backbone
+from mtpd.model.decoder import Decoder, KVCache
 from mtpd.model.mtp import MTPHead, MTPModel
 
-__all__ = ["Decoder", "KVCache", "MTPHead", "MTPModel", "Span"]
+__all__ = ["Backbone", "Decoder", "KVCache", "MTPHead", "MTPModel"]

@@ -142,7 +142,10 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The main model. `forward` returns the last hidden state h0 (before the final norm, DESIGN §1)."""
+    """The built-in main model; it satisfies the `Backbone` interface (model/backbone.py).
+
+    `forward` returns the last hidden state h0 (before the final norm, DESIGN §1).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -155,13 +158,24 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
 
-    def forward(self, tokens: torch.Tensor, span: Span | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        if span is None:
-            span = self.rotary.causal_span(tokens.shape[1])
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.max_seq_len
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """tokens [B, T] -> h0 [B, T, d]. Without a cache: a causal pass over positions 0..T-1. With one: the
+        tokens sit at `positions` [B, T] (per row), their keys/values are written there, and each attends to
+        every cached position <= its own."""
+        span = self.rotary.causal_span(tokens.shape[1]) if cache is None else self.rotary.cached_span(positions)
         x = self.embed(tokens)
         for layer, block in enumerate(self.blocks):
             x = block(x, span, cache, layer)
         return x
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The output projection W_out, shared with the MTP heads."""
+        return self.lm_head(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))

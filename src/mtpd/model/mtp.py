@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from mtpd.config import ModelConfig
-from mtpd.model.decoder import Block, Decoder, KVCache, Span, init_weights
+from mtpd.model.backbone import Backbone
+from mtpd.model.decoder import Block, Decoder, KVCache, Rotary, Span, init_weights
 
 
 class MTPHead(nn.Module):
@@ -33,49 +34,62 @@ class MTPHead(nn.Module):
         return self.block(u, span, cache, 0)
 
 
-class MTPModel(nn.Module):
-    """The main decoder plus K cascaded MTP heads sharing its embedding and output projection."""
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
-    def __init__(self, cfg: ModelConfig):
+
+class MTPModel(nn.Module):
+    """A main model (`Backbone`, the built-in decoder by default) plus K cascaded MTP heads that share its
+    embedding and output projection. The heads have the main model's width, so every head has the same
+    shape and a trained head can initialise another (looped extension)."""
+
+    def __init__(self, cfg: ModelConfig, backbone: Backbone | None = None):
         super().__init__()
         self.cfg = cfg.validate()
-        self.main = Decoder(cfg)
+        self.main = Decoder(cfg) if backbone is None else backbone
         self.heads = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.mtp_heads))
-        init_weights(self, cfg.n_layers)
+        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)  # the heads' own positions
+        if backbone is None:
+            init_weights(self.main, cfg.n_layers)
+        for head in self.heads:
+            init_weights(head, cfg.n_layers)
 
     @property
     def num_heads(self) -> int:
         return len(self.heads)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Teacher-forced pass over tokens [B, T].
+        """Teacher-forced pass over tokens [B, T]: main logits [B, T, V] and, for k = 1..K, head k's logits
+        [B, T-k, V], whose position i predicts t_{i+k+1}.
 
-        Returns h0 [B, T, d] and, for k = 1..K, hk [B, T-k, d] whose position i predicts t_{i+k+1}.
+        Frozen parts (no parameter requires grad) run without autograd as long as nothing before them
+        trains: head-only training and looped extension then cost no activation memory for them.
         """
-        h0 = self.main(tokens)
-        return h0, self.run_heads(h0, tokens)
-
-    def run_heads(self, h0: torch.Tensor, tokens: torch.Tensor, frozen: int = 0) -> list[torch.Tensor]:
-        """The heads' teacher-forced pass; the first `frozen` heads run without autograd."""
         T = tokens.shape[1]
-        embeddings = self.main.embed(tokens)
-        hidden, prev = [], h0
-        for k, head in enumerate(self.heads, start=1):
-            if T - k < 1:
-                break
-            with torch.set_grad_enabled(torch.is_grad_enabled() and k > frozen):
-                prev = head(prev[:, :T - k], embeddings[:, k:], self.main.rotary.causal_span(T - k))
-            hidden.append(prev)
-        return hidden
-
-    def main_logits(self, h0: torch.Tensor) -> torch.Tensor:
-        return self.main.logits(h0)
+        track = torch.is_grad_enabled() and _trainable(self.main)
+        with torch.set_grad_enabled(track):
+            hidden = self.main(tokens)
+            main_logits = self.main.logits(hidden)
+            embeddings = self.main.embed(tokens)
+        head_logits = []
+        for k, head in enumerate(self.heads[:T - 1], start=1):
+            track = track or (torch.is_grad_enabled() and _trainable(head))
+            with torch.set_grad_enabled(track):
+                hidden = head(hidden[:, :T - k], embeddings[:, k:], self.rotary.causal_span(T - k))
+                head_logits.append(self.head_logits(k, hidden))
+        return main_logits, head_logits
 
     def head_logits(self, k: int, hk: torch.Tensor) -> torch.Tensor:
         """Logits of head k (1-based) from its hidden states."""
-        return self.main.lm_head(self.heads[k - 1].norm(hk))
+        return self.main.project(self.heads[k - 1].norm(hk))
+
+    def head_step(self, k: int, prev_hidden: torch.Tensor, positions: torch.Tensor, next_tokens: torch.Tensor,
+                  cache: KVCache) -> torch.Tensor:
+        """Head k over per-row positions [B, T] of a cached pass, reading h{k-1} there and the tokens at
+        positions + k; returns hk [B, T, d]."""
+        return self.heads[k - 1](prev_hidden, self.main.embed(next_tokens), self.rotary.cached_span(positions), cache)
 
     def new_head_caches(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
-        weight = self.main.lm_head.weight
+        weight = self.heads[0].proj.weight if self.heads else self.rotary.cos
         return [KVCache(1, batch_size, max_len or self.cfg.max_seq_len, self.cfg.n_kv_heads, self.cfg.head_dim,
                         weight.device, weight.dtype) for _ in self.heads]
