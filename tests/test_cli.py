@@ -157,7 +157,7 @@ def test_train_eval_resume_end_to_end(tmp_path, capsys, corpus_dir):
     assert list_checkpoints(out)[-1][0] == 40
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "demo"])
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "bench", "demo"])
 def test_help_exits_cleanly(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -172,3 +172,66 @@ def test_train_help_lists_the_contracted_flags(capsys):
     for flag in ("--preset", "--heads", "--data", "--out", "--max-steps", "--max-tokens", "--time-budget", "--beta",
                  "--alpha-lambda", "--top-n", "--kl", "--no-stop-grad", "--resume", "--device", "--seed"):
         assert flag in text, flag
+
+
+def test_generate_speculative_and_plain_print_the_same_text(tmp_path, capsys, corpus_dir):
+    saved_run(tmp_path / "run", corpus_dir)
+    prompt = "def fib_3(n):\n"
+    code, spec, err = run(capsys, "generate", "--ckpt", tmp_path / "run", "--prompt", prompt, "--max-new-tokens", 30)
+    assert code == 0, err
+    assert "tokens per main-model pass" in err
+    code, plain, err = run(capsys, "generate", "--ckpt", tmp_path / "run", "--prompt", prompt, "--max-new-tokens", 30,
+                           "--no-spec")
+    assert code == 0, err
+    assert spec == plain and spec  # an untrained model may well write only newlines
+
+
+def test_bench_writes_the_design_report(tmp_path, capsys, corpus_dir):
+    saved_run(tmp_path / "run", corpus_dir)
+    code, out, err = run(capsys, "bench", "--ckpt", tmp_path / "run", "--num-prompts", 2, "--prompt-tokens", 8,
+                         "--max-new-tokens", 12, "--rounds", 1, "--json", tmp_path / "bench.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "bench.json").read_text())
+    for field in ("model", "heads", "device", "dtype", "batch_size", "max_new_tokens", "num_prompts", "temperature",
+                  "baseline_tokens_per_s", "spec_tokens_per_s", "speedup", "mean_accepted_tokens", "acceptance_rate",
+                  "cumulative_acceptance", "identical_to_baseline", "torch_version", "seconds"):
+        assert field in report, field
+    assert report["identical_to_baseline"] is True
+    assert report["num_prompts"] == 2 and report["heads"] == 2 and len(report["cumulative_acceptance"]) == 2
+    assert "identical to autoregressive: yes" in out
+
+
+def test_bench_reads_prompts_from_a_file(tmp_path, capsys, corpus_dir):
+    saved_run(tmp_path / "run", corpus_dir)
+    (tmp_path / "prompts.txt").write_text("def fib(n):\\n    a, b = 0, 1\n\nclass Stack:\n")
+    code, _, err = run(capsys, "bench", "--ckpt", tmp_path / "run", "--prompts", tmp_path / "prompts.txt",
+                       "--max-new-tokens", 8, "--rounds", 1, "--skip-no-cache", "--batch-size", 2,
+                       "--json", tmp_path / "b.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["num_prompts"] == 2 and report["batch_size"] == 2 and report["no_cache_tokens_per_s"] is None
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "1", "--top-p", "2"], "--top-p must be in (0, 1]"),
+    (["--temperature", "1", "--top-k", "0"], "--top-k must be >= 1"),
+    (["--heads", "3"], "--heads 3 is not available: the checkpoint has 2 heads"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+])
+def test_bad_generate_flags_are_one_line_errors(flags, fragment, tmp_path, capsys, corpus_dir):
+    saved_run(tmp_path / "run", corpus_dir)
+    code, _, err = run(capsys, "generate", "--ckpt", tmp_path / "run", "--prompt", "x = 1", *flags)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_generate_with_a_prompt_longer_than_the_context_is_one_line(tmp_path, capsys, corpus_dir):
+    saved_run(tmp_path / "run", corpus_dir)
+    code, _, err = run(capsys, "generate", "--ckpt", tmp_path / "run", "--prompt", "x = 1\n" * 200)
+    assert_one_line_error(code, err, "but the model's context is 128", "shorten the prompt")
+
+
+def test_bench_with_a_missing_prompts_file_is_one_line(tmp_path, capsys, corpus_dir):
+    saved_run(tmp_path / "run", corpus_dir)
+    code, _, err = run(capsys, "bench", "--ckpt", tmp_path / "run", "--prompts", tmp_path / "nope.txt")
+    assert_one_line_error(code, err, "prompts file", "does not exist")

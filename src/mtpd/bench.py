@@ -11,8 +11,10 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from mtpd.checkpoint import Checkpoint
 from mtpd.decode import Greedy, autoregressive_generate, make_rule, speculative_generate
@@ -34,14 +36,43 @@ class BenchConfig:
     no_cache_baseline: bool = True
     seed: int = 0
 
+    def validate(self) -> "BenchConfig":
+        checks = [
+            (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
+            (self.num_heads is None or self.num_heads >= 1, f"--heads must be >= 1 (got {self.num_heads})"),
+            (self.rounds >= 1, f"--rounds must be >= 1 (got {self.rounds})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MtpdError(message)
+        make_rule(self.temperature, self.top_k, self.top_p)  # checks the sampling flags
+        return self
+
 
 def validation_prompts(val_tokens: torch.Tensor, num_prompts: int, prompt_tokens: int) -> list[list[int]]:
     """Evenly spaced slices of the validation split, each `prompt_tokens` long."""
+    if num_prompts < 1 or prompt_tokens < 1:
+        raise MtpdError(f"--num-prompts and --prompt-tokens must be >= 1 (got {num_prompts}, {prompt_tokens})")
     if val_tokens.numel() < prompt_tokens * num_prompts:
         raise MtpdError(f"validation split has {val_tokens.numel()} tokens, too few for {num_prompts} prompts of "
                         f"{prompt_tokens} tokens: pass --prompts FILE or fewer --num-prompts")
     stride = (val_tokens.numel() - prompt_tokens) // max(num_prompts, 1)
     return [val_tokens[i * stride:i * stride + prompt_tokens].tolist() for i in range(num_prompts)]
+
+
+def file_prompts(path: str | Path, tokenizer: Tokenizer) -> list[list[int]]:
+    """One prompt per non-empty line of a UTF-8 file (write `\\n` for a line break inside a prompt)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise MtpdError(f"prompts file '{path}' does not exist: pass a text file with one prompt per line") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MtpdError(f"cannot read prompts file '{path}' ({exc}): pass a UTF-8 text file, one prompt per line") from None
+    prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
+    if not prompts:
+        raise MtpdError(f"prompts file '{path}' has no non-empty line: write one prompt per line")
+    return [tokenizer.encode(prompt, add_special_tokens=False).ids for prompt in prompts]
 
 
 def _batches(prompts: list[list[int]], size: int) -> list[list[list[int]]]:

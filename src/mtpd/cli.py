@@ -131,6 +131,37 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from mtpd.checkpoint import load_checkpoint
+    from mtpd.run import generate_text, resolve_device
+
+    checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device))
+    emit = lambda text: print(text, end="", flush=True)  # noqa: E731
+    stats = generate_text(checkpoint, args.prompt, args.max_new_tokens, args.heads, not args.no_spec,
+                          args.temperature, args.top_k, args.top_p, args.seed, emit)
+    tau = f", {stats['mean_accepted_tokens']:.2f} tokens per main-model pass" if "mean_accepted_tokens" in stats else ""
+    print(f"\n[{stats['new_tokens']} tokens in {stats['seconds']:.2f}s: {stats['tokens_per_s']:.1f} tokens/s{tau}]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from mtpd.bench import BenchConfig, bench_table, run_benchmark
+    from mtpd.checkpoint import load_checkpoint
+    from mtpd.run import benchmark_prompts, resolve_device
+
+    cfg = BenchConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, num_heads=args.heads,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rounds=args.rounds,
+                      no_cache_baseline=not args.skip_no_cache, seed=args.seed).validate()
+    checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device))
+    prompts = benchmark_prompts(checkpoint, args.prompts, args.num_prompts, args.prompt_tokens)
+    report = run_benchmark(checkpoint, prompts, cfg, progress=lambda line: print(line, file=sys.stderr))
+    print(bench_table(report))
+    if args.json:
+        _write_json(args.json, report)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from mtpd.demo import run_demo
 
@@ -147,6 +178,14 @@ def _write_json(path: str, payload: dict) -> None:
     except OSError as exc:
         raise MtpdError(f"cannot write {target} ({exc.strerror}): choose another --json path") from None
     print(f"wrote {target}")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples, and "
+                                                                  "speculative sampling keeps the distribution exact")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
+    p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens holding this probability")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +215,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=64, help="validation windows (default: 64)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue a prompt with speculative decoding (streams the text)",
+                       description="Continue --prompt with the checkpoint's model. By default the MTP heads draft and "
+                                   "the main model verifies, so the text is exactly what the main model alone would "
+                                   "write (greedy: token for token; sampling: the same distribution), only faster. "
+                                   "Statistics go to stderr.")
+    p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
+    p.add_argument("--heads", type=int, help="draft with the first K heads only (default: all)")
+    p.add_argument("--no-spec", action="store_true", help="plain KV-cached autoregressive decoding (the baseline)")
+    _add_sampling_flags(p)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="speculative decoding vs autoregressive baselines: speed and acceptance",
+                       description="Decode the same prompts with KV-cached autoregressive decoding (the honest "
+                                   "baseline), no-cache autoregressive decoding (the paper's setting) and speculative "
+                                   "decoding, in one run after warm-up, timed in interleaved rounds. Reports tokens/s, "
+                                   "speedups, per-head acceptance and cumulative acceptance, mean accepted tokens, "
+                                   "and whether greedy output was identical.")
+    p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    p.add_argument("--prompts", help="text file, one prompt per line (default: slices of the checkpoint's "
+                                     "validation split)")
+    p.add_argument("--num-prompts", type=int, default=8, help="validation prompts (default: 8)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="tokens per validation prompt (default: 64)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default: 1)")
+    p.add_argument("--heads", type=int, help="draft with the first K heads only (default: all)")
+    _add_sampling_flags(p)
+    p.add_argument("--rounds", type=int, default=2, help="timed repetitions of every method (default: 2)")
+    p.add_argument("--skip-no-cache", action="store_true", help="leave out the slow no-cache baseline")
+    p.add_argument("--json", help="write the report (DESIGN §6 fields) to this JSON file")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="train a tiny MTP-D model on the standard library and evaluate it",
                        description="The whole method on the built-in default: trains the `tiny` preset with 4 MTP-D "

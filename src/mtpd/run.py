@@ -1,4 +1,4 @@
-"""End-to-end recipes the CLI calls: train a model from scratch, evaluate a checkpoint.
+"""End-to-end recipes the CLI calls: train a model from scratch, evaluate a checkpoint, generate text.
 
 They join the pieces (corpus -> tokenizer -> token tensors -> model -> trainer -> checkpoint) and hold the
 decisions that need more than one piece, like resuming a run from its own saved configuration.
@@ -13,12 +13,18 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+import time
+from collections.abc import Callable
+
 from mtpd.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, read_config
 from mtpd.config import LossConfig, ModelConfig
-from mtpd.data import Corpus, encode_documents, load_corpus, load_or_train_tokenizer, token_cache_path
+from mtpd.data import (Corpus, encode_documents, eos_id, load_corpus, load_or_train_tokenizer, token_cache_path,
+                       validation_windows)
+from mtpd.decode import autoregressive_generate, make_rule, speculative_generate
+from mtpd.decode.stream import TextStream
 from mtpd.errors import MtpdError
 from mtpd.evaluate import evaluate
-from mtpd.data import validation_windows
+from mtpd.metrics import mean_accepted_tokens
 from mtpd.model import MTPModel
 from mtpd.train import Trainer, TrainConfig
 
@@ -141,3 +147,48 @@ def evaluate_checkpoint(ckpt: str | Path, data_path: str | None = None, seq_len:
     metrics |= {"checkpoint": str(checkpoint.path), "data": data.corpus.name, "seq_len": seq_len,
                 "heads": checkpoint.model.num_heads}
     return metrics, checkpoint
+
+
+def benchmark_prompts(checkpoint: Checkpoint, prompts_file: str | None = None, num_prompts: int = 8,
+                      prompt_tokens: int = 64) -> list[list[int]]:
+    """Prompts from a file (one per line), or evenly spaced slices of the checkpoint's validation split."""
+    from mtpd.bench import file_prompts, validation_prompts
+
+    if prompts_file is not None:
+        return file_prompts(prompts_file, checkpoint.tokenizer)
+    data = tokenized_corpus(checkpoint.config.get("data", {}).get("path"), tokenizer=checkpoint.tokenizer,
+                            splits=("val",))
+    return validation_prompts(data.val, num_prompts, prompt_tokens)
+
+
+def generate_text(checkpoint: Checkpoint, prompt: str, max_new_tokens: int = 200, heads: int | None = None,
+                  speculative: bool = True, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None, seed: int = 0, emit: Callable[[str], None] = print) -> dict:
+    """Continue `prompt`, streaming text through `emit` as tokens are accepted; stops at EOS.
+
+    Returns statistics: new tokens, seconds, tokens/s and, when speculative, the mean accepted tokens.
+    """
+    model, tokenizer = checkpoint.model, checkpoint.tokenizer
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    if not prompt_ids:
+        raise MtpdError("the prompt is empty: pass some text with --prompt")
+    if heads is not None and not 1 <= heads <= model.num_heads:
+        raise MtpdError(f"--heads {heads} is not available: the checkpoint has {model.num_heads} heads")
+    rule = make_rule(temperature, top_k, top_p)
+    stream = TextStream(tokenizer)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    on_tokens = lambda rows: emit(stream.push(rows[0]))  # noqa: E731 (one row)
+    started = time.perf_counter()
+    if speculative:
+        result = speculative_generate(model, [prompt_ids], max_new_tokens, rule, heads, eos_id(tokenizer),
+                                      generator, on_tokens)
+    else:
+        result = autoregressive_generate(model.main, [prompt_ids], max_new_tokens, rule, eos_id(tokenizer),
+                                         generator=generator, on_tokens=on_tokens)
+    seconds = time.perf_counter() - started
+    emit(stream.flush())
+    stats = {"prompt_tokens": len(prompt_ids), "new_tokens": result.num_tokens, "seconds": seconds,
+             "tokens_per_s": result.num_tokens / seconds}
+    if speculative:
+        stats["mean_accepted_tokens"] = mean_accepted_tokens(result.accepted)
+    return stats

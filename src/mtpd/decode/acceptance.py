@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mtpd.errors import MtpdError
+
 
 def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None) -> torch.Tensor:
@@ -88,6 +90,12 @@ class SpeculativeSampling:
 
 def make_rule(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
     """temperature 0 means greedy."""
-    if temperature <= 0:
+    if temperature < 0:
+        raise MtpdError(f"--temperature must be >= 0, 0 = greedy (got {temperature})")
+    if top_k is not None and top_k < 1:
+        raise MtpdError(f"--top-k must be >= 1 (got {top_k})")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise MtpdError(f"--top-p must be in (0, 1] (got {top_p})")
+    if temperature == 0:
         return Greedy()
     return SpeculativeSampling(temperature, top_k, top_p)
