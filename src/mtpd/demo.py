@@ -1,12 +1,18 @@
-"""`mtpd demo`: the whole method on the built-in default, end to end, in about ten minutes on 2 CPU cores."""
+"""`mtpd demo`: the whole method on the built-in default, end to end, in under ten minutes on 2 CPU cores.
+
+Train the `tiny` preset with 4 MTP-D heads on the Python standard library, evaluate it teacher-forced, then
+benchmark speculative decoding against KV-cached autoregressive decoding on validation prompts.
+"""
 
 from __future__ import annotations
 
 import time
 
+from mtpd.bench import BenchConfig, bench_table, run_benchmark
+from mtpd.checkpoint import load_checkpoint
 from mtpd.config import LossConfig, preset
 from mtpd.report import eval_table
-from mtpd.run import pretrain
+from mtpd.run import benchmark_prompts, pretrain, resolve_device
 from mtpd.train import TrainConfig
 
 
@@ -19,5 +25,11 @@ def run_demo(out_dir: str = "runs/demo", time_budget: float = 300, device: str =
     metrics, path = pretrain(model_cfg, train_cfg, LossConfig(), out_dir, resume=True, device=device)
     print("\n== evaluation on the validation split (teacher-forced)")
     print(eval_table(metrics))
+
+    print("\n== speculative decoding vs autoregressive decoding: 8 validation prompts, 128 new tokens, greedy")
+    checkpoint = load_checkpoint(path, resolve_device(device))
+    prompts = benchmark_prompts(checkpoint, num_prompts=8, prompt_tokens=64)
+    report = run_benchmark(checkpoint, prompts, BenchConfig(max_new_tokens=128, rounds=2))
+    print(bench_table(report))
     print(f"\ncheckpoint: {path}\ntotal wall time: {time.perf_counter() - started:.0f}s")
     return 0
