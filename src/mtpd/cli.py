@@ -24,6 +24,13 @@ EPILOG_TRAIN = """examples:
 """
 
 
+EPILOG_EXTEND = """examples:
+  mtpd extend --ckpt runs/small-k4 --to 8 --out runs/small-k8             # 20% of the base run's tokens
+  mtpd extend --ckpt runs/small-k8 --to 16 --out runs/small-k16 --max-tokens 1000000
+  mtpd extend --ckpt runs/small-k4 --to 8 --out runs/small-k8 --resume    # continue an interrupted one
+"""
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model (preset values unless overridden)")
     m.add_argument("--preset", default="tiny", help=f"named model shape: {', '.join(PRESETS)} (default: tiny)")
@@ -131,6 +138,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_extend(args) -> int:
+    from mtpd.report import eval_table
+    from mtpd.run import extend
+
+    if args.to < 2:
+        raise MtpdError(f"--to must be >= 2 (got {args.to})")
+    budget = {"max_steps": args.max_steps, "max_tokens": args.max_tokens, "time_budget": args.time_budget}
+    for flag, value in (("--max-steps", args.max_steps), ("--max-tokens", args.max_tokens)):
+        if value is not None and value < 1:
+            raise MtpdError(f"{flag} must be >= 1 (got {value})")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise MtpdError(f"--time-budget must be > 0 (got {args.time_budget})")
+    metrics, path = extend(args.ckpt, args.to, args.out, budget, args.fraction, args.data, args.resume, args.device,
+                           show_progress=not args.quiet)
+    print(eval_table(metrics))
+    print(f"checkpoint: {path}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from mtpd.checkpoint import load_checkpoint
     from mtpd.run import generate_text, resolve_device
@@ -216,6 +242,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("extend", help="looped extension: grow trained heads m -> 2m, training only the new ones",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_EXTEND,
+                       description="Looped extension (MTP-D paper): heads m+1..2m start as copies of the trained heads "
+                                   "1..m;\nthe main model and heads 1..m are frozen (bit-identical afterwards) and only "
+                                   "the new heads\ntrain, with the checkpoint's objective and optimiser settings. "
+                                   "Repeat to grow 1 -> 2 -> 4 -> 8 -> 16.")
+    p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    p.add_argument("--to", type=int, required=True, help="number of heads afterwards: a multiple of the current m, "
+                                                         "usually 2m")
+    p.add_argument("--out", required=True, help="run directory of the extension")
+    p.add_argument("--data", help="corpus (default: the checkpoint's training corpus)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--max-tokens", type=int, help="training tokens")
+    p.add_argument("--time-budget", type=float, help="seconds of training")
+    p.add_argument("--fraction", type=float, default=0.2, help="without a budget flag: train on this fraction of the "
+                                                               "tokens the main model was pretrained on (default: 0.2, "
+                                                               "the paper's 70B of 350B)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted extension in --out")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_extend)
+
     p = sub.add_parser("generate", help="continue a prompt with speculative decoding (streams the text)",
                        description="Continue --prompt with the checkpoint's model. By default the MTP heads draft and "
                                    "the main model verifies, so the text is exactly what the main model alone would "
@@ -273,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         # Checkpoints are written atomically, so an interrupted run can always be continued.
-        hint = ": the latest checkpoint is intact; continue with --resume" if args.command in ("train", "demo") else ""
+        hint = ": the latest checkpoint is intact; continue with --resume" if args.command in ("train", "extend", "demo") else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -61,12 +61,13 @@ class ModelConfig:
 
 
 # Presets. `tiny` learns something useful in ~5 minutes on 2 CPU cores; `small` is the reference model for
-# benchmarks: deep relative to its width (DESIGN §9: a head step is ~15% of a 1-token pass at 12 layers) and
-# a 5-token forward pass costs far less than five 1-token passes on CPU.
+# benchmarks: deep relative to its width (DESIGN §9: a head step is ~15% of a 1-token pass at 12 layers), a
+# 5-token forward pass costs far less than five 1-token passes on CPU, and a 4096-token vocabulary because the
+# vocabulary projection is the largest part of a head step and of the heads' training cost.
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=2048, d_model=160, n_layers=6, n_heads=5, n_kv_heads=5, ffn_dim=448,
                         max_seq_len=256),
-    "small": ModelConfig(vocab_size=8192, d_model=256, n_layers=12, n_heads=8, n_kv_heads=4, ffn_dim=704,
+    "small": ModelConfig(vocab_size=4096, d_model=256, n_layers=12, n_heads=8, n_kv_heads=4, ffn_dim=704,
                          max_seq_len=512),
     # For tests: seconds to build and run.
     "micro": ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,

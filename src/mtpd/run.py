@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 import time
 from collections.abc import Callable
 
-from mtpd.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, read_config
+from mtpd.checkpoint import TOKENIZER_FILE, Checkpoint, list_checkpoints, load_checkpoint, read_config
 from mtpd.config import LossConfig, ModelConfig
 from mtpd.data import (Corpus, encode_documents, eos_id, load_corpus, load_or_train_tokenizer, token_cache_path,
                        validation_windows)
@@ -26,7 +26,7 @@ from mtpd.errors import MtpdError
 from mtpd.evaluate import evaluate
 from mtpd.metrics import mean_accepted_tokens
 from mtpd.model import MTPModel
-from mtpd.train import Trainer, TrainConfig
+from mtpd.train import BUDGET_FIELDS, Trainer, TrainConfig
 
 
 @dataclass
@@ -67,47 +67,105 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, loss_cfg: LossConfi
              data_path: str | None = None, tokenizer_path: str | None = None, resume: bool = False,
              device: str = "auto", show_progress: bool = True, log=print) -> tuple[dict, Path]:
     """Joint pretraining of the main model and its heads (DESIGN §3.1). Returns final eval metrics and the
-    checkpoint path. With resume, the run's saved configuration is used and the given one ignored, except
-    for a budget set in train_cfg (see resumed_train_config)."""
+    checkpoint path. With resume and a run in out_dir, that run continues (see resume_run)."""
     out_dir = Path(out_dir)
+    if _continues_a_run(out_dir, resume):
+        return resume_run(out_dir, train_cfg.budget, device, show_progress, log)
     dev = resolve_device(device)
-    existing = list_checkpoints(out_dir)
-    if existing and not resume:
-        raise MtpdError(f"{out_dir} already holds checkpoints (latest step {existing[-1][0]}): pass --resume to "
-                        f"continue that run, or choose another --out")
-    history = [{"event": "pretrain", "heads": model_cfg.mtp_heads}]
-    if resume and existing:
-        saved = read_config(existing[-1][1])
-        model_cfg = ModelConfig.from_dict(saved["model"])
-        train_cfg = resumed_train_config(saved["train"], train_cfg)
-        loss_cfg = LossConfig(**saved["loss"])
-        data_path = saved["data"]["path"]
-        tokenizer_path = str(existing[-1][1] / "tokenizer.json")
-        history = saved.get("history", history)
     _check_writable(out_dir)
     data = tokenized_corpus(data_path, model_cfg.vocab_size, tokenizer_path)
     # The tokenizer decides the vocabulary (a small corpus can yield fewer tokens than asked for).
     model_cfg = dataclasses.replace(model_cfg, vocab_size=data.tokenizer.get_vocab_size()).validate()
-    if train_cfg.seq_len > model_cfg.max_seq_len:
-        raise MtpdError(f"--seq-len {train_cfg.seq_len} exceeds the model's context {model_cfg.max_seq_len}: "
-                        f"lower --seq-len or raise --max-seq-len")
     torch.manual_seed(train_cfg.seed)
     model = MTPModel(model_cfg)
+    history = [{"event": "pretrain", "heads": model_cfg.mtp_heads}]
+    return _fit(model, data, data_path, train_cfg, loss_cfg, out_dir, history, dev, show_progress, log)
+
+
+def extend(ckpt: str | Path, num_heads: int, out_dir: str | Path, budget: dict | None = None,
+           fraction: float = 0.2, data_path: str | None = None, resume: bool = False, device: str = "auto",
+           show_progress: bool = True, log=print) -> tuple[dict, Path]:
+    """Looped extension (DESIGN §3.3): heads 1..m of `ckpt` are copied into m+1..num_heads; the main model and
+    heads 1..m are frozen and only the new heads train, with the checkpoint's objective and optimiser settings.
+
+    The budget defaults to `fraction` of the tokens the main model was pretrained on (the paper used 70B of
+    350B). With resume and a run in out_dir, that run continues.
+    """
+    out_dir = Path(out_dir)
+    if _continues_a_run(out_dir, resume):
+        return resume_run(out_dir, budget or {}, device, show_progress, log)
+    if not 0 < fraction <= 1:
+        raise MtpdError(f"--fraction must be in (0, 1] (got {fraction})")
+    dev = resolve_device(device)
+    checkpoint = load_checkpoint(ckpt, dev)
+    model, saved = checkpoint.model, checkpoint.config
+    old_heads = model.num_heads
+    model.extend_heads(num_heads)
+    _check_writable(out_dir)
+    history = [dict(event) for event in saved.get("history", [{"event": "pretrain", "heads": old_heads}])]
+    history[0].setdefault("tokens", saved.get("state", {}).get("tokens_seen"))  # the base run's own tokens
+    if not any(v is not None for v in (budget or {}).values()):
+        if not history[0]["tokens"]:
+            raise MtpdError(f"{checkpoint.path} does not record how many tokens its model was trained on: "
+                            f"pass a budget (--max-tokens, --max-steps or --time-budget)")
+        budget = {"max_tokens": max(1, round(fraction * history[0]["tokens"]))}
+    train_cfg = dataclasses.replace(TrainConfig(**saved["train"]), **{name: budget.get(name) for name in BUDGET_FIELDS},
+                                    freeze_main=True, frozen_heads=old_heads)
+    history.append({"event": "extend", "from_heads": old_heads, "to_heads": num_heads,
+                    "from_checkpoint": str(checkpoint.path), "budget": {k: v for k, v in budget.items() if v}})
+    data_path = data_path if data_path is not None else saved.get("data", {}).get("path")
+    data = tokenized_corpus(data_path, tokenizer=checkpoint.tokenizer)
+    log(f"looped extension: {old_heads} -> {num_heads} heads; main model and heads 1..{old_heads} frozen")
+    return _fit(model, data, data_path, train_cfg, LossConfig(**saved["loss"]), out_dir, history, dev,
+                show_progress, log)
+
+
+def resume_run(out_dir: Path, budget: dict, device: str = "auto", show_progress: bool = True,
+               log=print) -> tuple[dict, Path]:
+    """Continue the run in out_dir from its latest checkpoint with the run's saved configuration (model, data,
+    objective, frozen parts); a budget given now replaces the saved one (see resumed_train_config)."""
+    path = list_checkpoints(out_dir)[-1][1]
+    saved = read_config(path)
+    train_cfg = resumed_train_config(saved["train"], budget)
+    data_path = saved["data"]["path"]
+    data = tokenized_corpus(data_path, tokenizer_path=str(path / TOKENIZER_FILE))
+    model = MTPModel(ModelConfig.from_dict(saved["model"]))
+    return _fit(model, data, data_path, train_cfg, LossConfig(**saved["loss"]), out_dir, saved.get("history", []),
+                resolve_device(device), show_progress, log, resume=True)
+
+
+def _continues_a_run(out_dir: Path, resume: bool) -> bool:
+    existing = list_checkpoints(out_dir)
+    if existing and not resume:
+        raise MtpdError(f"{out_dir} already holds checkpoints (latest step {existing[-1][0]}): pass --resume to "
+                        f"continue that run, or choose another --out")
+    return bool(existing)
+
+
+def _fit(model: MTPModel, data: TokenizedCorpus, data_path: str | None, train_cfg: TrainConfig, loss_cfg: LossConfig,
+         out_dir: Path, history: list[dict], device: torch.device, show_progress: bool, log,
+         resume: bool = False) -> tuple[dict, Path]:
+    """Train `model` with the one Trainer until the budget; returns the final evaluation and checkpoint path."""
+    if train_cfg.seq_len > model.cfg.max_seq_len:
+        raise MtpdError(f"--seq-len {train_cfg.seq_len} exceeds the model's context {model.cfg.max_seq_len}: "
+                        f"lower --seq-len or raise --max-seq-len")
     meta = {"data": data.reference(data_path), "history": history}
-    trainer = Trainer(model, data.tokenizer, data.train, data.val, train_cfg, loss_cfg, out_dir, meta, dev,
+    trainer = Trainer(model, data.tokenizer, data.train, data.val, train_cfg, loss_cfg, out_dir, meta, device,
                       show_progress)
     if resume and trainer.resume():
         budget = ", ".join(f"{k} {v}" for k, v in train_cfg.budget.items() if v is not None)
         log(f"resuming {out_dir} at step {trainer.step} ({trainer.tokens_seen:,} tokens seen) with its saved "
             f"configuration; budget: {budget}")
+    trainable = sum(p.numel() for p in trainer.params)
     log(f"model: {sum(p.numel() for p in model.main.parameters()) / 1e6:.2f}M main + "
-        f"{sum(p.numel() for p in model.heads.parameters()) / 1e6:.2f}M in {model.num_heads} heads; "
-        f"data: {data.corpus.name}, {data.train.numel():,} train / {data.val.numel():,} val tokens; device {dev}")
+        f"{sum(p.numel() for p in model.heads.parameters()) / 1e6:.2f}M in {model.num_heads} heads "
+        f"({trainable / 1e6:.2f}M trained); data: {data.corpus.name}, {data.train.numel():,} train / "
+        f"{data.val.numel():,} val tokens; device {device}")
     metrics = trainer.fit()
     return metrics, list_checkpoints(out_dir)[-1][1]
 
 
-def resumed_train_config(saved: dict, given: TrainConfig) -> TrainConfig:
+def resumed_train_config(saved: dict, budget: dict) -> TrainConfig:
     """The saved run's training configuration, with the budget replaced when `given` sets one.
 
     Budgets are totals for the run, so `mtpd train --out X --resume --max-steps 40` continues to step 40.
@@ -115,8 +173,8 @@ def resumed_train_config(saved: dict, given: TrainConfig) -> TrainConfig:
     Everything else (shapes, data, optimizer, objective) must stay as the checkpoint has it.
     """
     cfg = TrainConfig(**saved)
-    if any(v is not None for v in given.budget.values()):
-        cfg = dataclasses.replace(cfg, **given.budget)
+    if any(v is not None for v in budget.values()):
+        cfg = dataclasses.replace(cfg, **{name: budget.get(name) for name in BUDGET_FIELDS})
     return cfg.validate()
 
 

@@ -11,10 +11,14 @@ projection after its own final norm:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import torch
 from torch import nn
 
 from mtpd.config import ModelConfig
+from mtpd.errors import MtpdError
 from mtpd.model.backbone import Backbone
 from mtpd.model.decoder import Block, Decoder, KVCache, Rotary, Span, init_weights
 
@@ -78,6 +82,16 @@ class MTPModel(nn.Module):
                 hidden = head(hidden[:, :T - k], embeddings[:, k:], self.rotary.causal_span(T - k))
                 head_logits.append(self.head_logits(k, hidden))
         return main_logits, head_logits
+
+    def extend_heads(self, num_heads: int) -> None:
+        """Looped extension (DESIGN §3.3): grow m heads to num_heads (a multiple of m); head m+j starts as an
+        exact copy of head ((j-1) mod m) + 1, so m -> 2m copies heads 1..m into m+1..2m."""
+        m = self.num_heads
+        if m == 0 or num_heads <= m or num_heads % m:
+            raise MtpdError(f"cannot extend {m} heads to {num_heads}: --to must be a multiple of {m} larger than "
+                            f"{m} (looped extension copies heads 1..{m}), e.g. --to {2 * max(m, 1)}")
+        self.heads.extend(copy.deepcopy(self.heads[j % m]) for j in range(num_heads - m))
+        self.cfg = dataclasses.replace(self.cfg, mtp_heads=num_heads)
 
     def head_logits(self, k: int, hk: torch.Tensor) -> torch.Tensor:
         """Logits of head k (1-based) from its hidden states."""
