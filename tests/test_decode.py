@@ -63,6 +63,22 @@ def test_greedy_speculative_equals_greedy_autoregressive(trained_model, num_head
     assert 0.3 < mean_accepted < num_heads  # the test exercises both acceptance and rejection
 
 
+@pytest.mark.parametrize("threshold", [0.3, 0.9])
+def test_dynamic_draft_length_stays_lossless_and_drafts_less(trained_model, threshold):
+    prompts = prompts_from(markov_tokens(2000, seed=15), [2, 6, 9, 14, 21, 4])
+    reference = autoregressive_generate(trained_model.main, prompts, 40).tokens
+    drafted = []
+    for prompt, expected in zip(prompts, reference):
+        result = speculative_generate(trained_model, [prompt], 40, draft_threshold=threshold)
+        assert result.tokens[0] == expected
+        drafted += result.drafted
+    batched = speculative_generate(trained_model, prompts[:3], 40, draft_threshold=threshold)
+    assert batched.tokens == reference[:3]
+    assert min(drafted) >= 1
+    if threshold == 0.9:  # the 80/20 Markov chain's heads are rarely 90% sure: drafting often stops early
+        assert sum(drafted) / len(drafted) < 3
+
+
 def test_greedy_speculative_stops_at_eos_mid_draft(trained_model):
     prompts = prompts_from(markov_tokens(2000, seed=6), [4, 9, 13])
     free = autoregressive_generate(trained_model.main, prompts, 40).tokens
@@ -134,12 +150,14 @@ def test_speculative_sampling_preserves_target_distribution(num_drafts):
     assert chi_squared(torch.bincount(drafts[:, 0], minlength=V).float(), p) > 100 * CHI2_CRITICAL_DF5_P001
 
 
-def test_speculative_sampling_end_to_end_matches_autoregressive_sampling(trained_model):
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_speculative_sampling_end_to_end_matches_autoregressive_sampling(trained_model, threshold):
     """Distribution of the 2nd generated token (after drafting) matches plain sampling, from one prompt."""
     prompts = [[5, 17, 3]] * 400  # rows sample independently: one batched call gives 400 draws
     rule = SpeculativeSampling(temperature=1.5)
     spec_g, ar_g = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
-    spec = [t[1] for t in speculative_generate(trained_model, prompts, 2, rule, generator=spec_g).tokens]
+    spec = [t[1] for t in speculative_generate(trained_model, prompts, 2, rule, generator=spec_g,
+                                               draft_threshold=threshold).tokens]
     ar = [t[1] for t in autoregressive_generate(trained_model.main, prompts, 2, rule, generator=ar_g).tokens]
     # Compare the two empirical distributions with a two-sample chi-squared over tokens seen >= 10 times.
     tokens = sorted({t for t in spec + ar if spec.count(t) + ar.count(t) >= 10})

@@ -35,6 +35,7 @@ class BenchConfig:
     rounds: int = 2
     no_cache_baseline: bool = True
     seed: int = 0
+    draft_threshold: float = 0.0  # > 0: dynamic draft length
 
     def validate(self) -> "BenchConfig":
         checks = [
@@ -42,6 +43,7 @@ class BenchConfig:
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
             (self.num_heads is None or self.num_heads >= 1, f"--heads must be >= 1 (got {self.num_heads})"),
             (self.rounds >= 1, f"--rounds must be >= 1 (got {self.rounds})"),
+            (0 <= self.draft_threshold < 1, f"--draft-threshold must be in [0, 1) (got {self.draft_threshold})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -89,7 +91,8 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
     batches = _batches(prompts, cfg.batch_size)
     methods: dict[str, Callable[[list[list[int]], torch.Generator], Generation]] = {
         "autoregressive": lambda b, g: autoregressive_generate(model.main, b, cfg.max_new_tokens, rule, generator=g),
-        "speculative": lambda b, g: speculative_generate(model, b, cfg.max_new_tokens, rule, heads, generator=g),
+        "speculative": lambda b, g: speculative_generate(model, b, cfg.max_new_tokens, rule, heads, generator=g,
+                                                       draft_threshold=cfg.draft_threshold),
     }
     if cfg.no_cache_baseline:
         methods["autoregressive_no_cache"] = lambda b, g: autoregressive_generate(
@@ -145,8 +148,9 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
                                 if "autoregressive_no_cache" in rate else None),
         "mean_accepted_tokens": tau,
         "efficiency": speedup / tau if tau else None,
+        "draft_threshold": cfg.draft_threshold,
         "mean_draft_length": sum(drafted) / len(drafted) if drafted else 0.0,
-        "acceptance_rate": acceptance_rates(accepted, heads),
+        "acceptance_rate": acceptance_rates(accepted, heads, drafted),
         "cumulative_acceptance": cumulative_acceptance(accepted, heads),
         "verification_steps": len(accepted),
         "identical_to_baseline": outputs["speculative"] == outputs["autoregressive"] if isinstance(rule, Greedy) else None,
@@ -170,7 +174,8 @@ def bench_table(report: dict) -> str:
     identical = report["identical_to_baseline"]
     lines = [per_head, "", speed, "",
              f"mean accepted tokens per verification (tau): {report['mean_accepted_tokens']:.3f}   "
-             f"efficiency (speedup / tau): {report['efficiency']:.3f}"]
+             f"efficiency (speedup / tau): {report['efficiency']:.3f}   "
+             f"mean draft length: {report['mean_draft_length']:.2f}"]
     if report["speedup_vs_no_cache"] is not None:
         lines.append(f"speedup vs no-cache AR (the paper's setting): {report['speedup_vs_no_cache']:.2f}x")
     if identical is not None:

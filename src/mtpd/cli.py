@@ -164,7 +164,7 @@ def cmd_generate(args) -> int:
     checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device))
     emit = lambda text: print(text, end="", flush=True)  # noqa: E731
     stats = generate_text(checkpoint, args.prompt, args.max_new_tokens, args.heads, not args.no_spec,
-                          args.temperature, args.top_k, args.top_p, args.seed, emit)
+                          args.temperature, args.top_k, args.top_p, args.seed, args.draft_threshold, emit)
     tau = f", {stats['mean_accepted_tokens']:.2f} tokens per main-model pass" if "mean_accepted_tokens" in stats else ""
     print(f"\n[{stats['new_tokens']} tokens in {stats['seconds']:.2f}s: {stats['tokens_per_s']:.1f} tokens/s{tau}]",
           file=sys.stderr)
@@ -178,7 +178,8 @@ def cmd_bench(args) -> int:
 
     cfg = BenchConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, num_heads=args.heads,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rounds=args.rounds,
-                      no_cache_baseline=not args.skip_no_cache, seed=args.seed).validate()
+                      no_cache_baseline=not args.skip_no_cache, seed=args.seed,
+                      draft_threshold=args.draft_threshold).validate()
     checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device))
     prompts = benchmark_prompts(checkpoint, args.prompts, args.num_prompts, args.prompt_tokens)
     report = run_benchmark(checkpoint, prompts, cfg, progress=lambda line: print(line, file=sys.stderr))
@@ -204,6 +205,12 @@ def _write_json(path: str, payload: dict) -> None:
     except OSError as exc:
         raise MtpdError(f"cannot write {target} ({exc.strerror}): choose another --json path") from None
     print(f"wrote {target}")
+
+
+def _add_draft_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft-threshold", type=float, default=0.0,
+                   help="dynamic draft length: stop drafting after a draft its head gave less than this probability "
+                        "(0 = always draft with every head; default: 0)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -274,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
     p.add_argument("--heads", type=int, help="draft with the first K heads only (default: all)")
     p.add_argument("--no-spec", action="store_true", help="plain KV-cached autoregressive decoding (the baseline)")
+    _add_draft_flags(p)
     _add_sampling_flags(p)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.set_defaults(func=cmd_generate)
@@ -292,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default: 1)")
     p.add_argument("--heads", type=int, help="draft with the first K heads only (default: all)")
+    _add_draft_flags(p)
     _add_sampling_flags(p)
     p.add_argument("--rounds", type=int, default=2, help="timed repetitions of every method (default: 2)")
     p.add_argument("--skip-no-cache", action="store_true", help="leave out the slow no-cache baseline")

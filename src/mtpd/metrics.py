@@ -15,13 +15,15 @@ def offline_acceptance(head_logits: torch.Tensor, main_logits: torch.Tensor, k: 
     return int(matches), head_logits.shape[0] * head_logits.shape[1]
 
 
-def acceptance_rates(accepted_per_step: Sequence[int], num_drafts: int) -> list[float]:
-    """AR_k: among steps that reached draft k (drafts 1..k-1 accepted), the fraction that accepted draft k."""
+def acceptance_rates(accepted_per_step: Sequence[int], num_drafts: int,
+                     drafted_per_step: Sequence[int] | None = None) -> list[float]:
+    """AR_k: among steps that reached draft k (drafts 1..k-1 accepted, and draft k proposed: with dynamic
+    draft length a step may stop drafting earlier), the fraction that accepted draft k."""
+    drafted_per_step = drafted_per_step or [num_drafts] * len(accepted_per_step)
     rates = []
     for k in range(1, num_drafts + 1):
-        reached = sum(1 for a in accepted_per_step if a >= k - 1)
-        accepted = sum(1 for a in accepted_per_step if a >= k)
-        rates.append(accepted / reached if reached else 0.0)
+        reached = [a for a, d in zip(accepted_per_step, drafted_per_step) if a >= k - 1 and d >= k]
+        rates.append(sum(1 for a in reached if a >= k) / len(reached) if reached else 0.0)
     return rates
 
 

@@ -221,7 +221,8 @@ def benchmark_prompts(checkpoint: Checkpoint, prompts_file: str | None = None, n
 
 def generate_text(checkpoint: Checkpoint, prompt: str, max_new_tokens: int = 200, heads: int | None = None,
                   speculative: bool = True, temperature: float = 0.0, top_k: int | None = None,
-                  top_p: float | None = None, seed: int = 0, emit: Callable[[str], None] = print) -> dict:
+                  top_p: float | None = None, seed: int = 0, draft_threshold: float = 0.0,
+                  emit: Callable[[str], None] = print) -> dict:
     """Continue `prompt`, streaming text through `emit` as tokens are accepted; stops at EOS.
 
     Returns statistics: new tokens, seconds, tokens/s and, when speculative, the mean accepted tokens.
@@ -232,6 +233,8 @@ def generate_text(checkpoint: Checkpoint, prompt: str, max_new_tokens: int = 200
         raise MtpdError("the prompt is empty: pass some text with --prompt")
     if heads is not None and not 1 <= heads <= model.num_heads:
         raise MtpdError(f"--heads {heads} is not available: the checkpoint has {model.num_heads} heads")
+    if not 0 <= draft_threshold < 1:
+        raise MtpdError(f"--draft-threshold must be in [0, 1) (got {draft_threshold})")
     rule = make_rule(temperature, top_k, top_p)
     stream = TextStream(tokenizer)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -239,7 +242,7 @@ def generate_text(checkpoint: Checkpoint, prompt: str, max_new_tokens: int = 200
     started = time.perf_counter()
     if speculative:
         result = speculative_generate(model, [prompt_ids], max_new_tokens, rule, heads, eos_id(tokenizer),
-                                      generator, on_tokens)
+                                      generator, on_tokens, draft_threshold)
     else:
         result = autoregressive_generate(model.main, [prompt_ids], max_new_tokens, rule, eos_id(tokenizer),
                                          generator=generator, on_tokens=on_tokens)

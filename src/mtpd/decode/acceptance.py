@@ -42,6 +42,13 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
+def draft_probability(logits: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+    """The probability the draft distribution gave each drafted token (greedy: the softmax of the logits)."""
+    if probs is None:
+        probs = logits.float().softmax(-1)
+    return probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
 @dataclass(frozen=True)
 class Greedy:
     def choose(self, logits: torch.Tensor, generator: torch.Generator | None = None):

@@ -3,7 +3,9 @@
 Per step, with `count` tokens per row in `seq` (the last one, the pending token, not yet run through the
 main model, so the main KV cache holds positions 0..count-2):
 
-  draft    head k at position count-2 reads (h{k-1}, Emb(seq[count-2+k])) and proposes seq[count-1+k]
+  draft    head k at position count-2 reads (h{k-1}, Emb(seq[count-2+k])) and proposes seq[count-1+k];
+           with a draft threshold, drafting stops after the first draft whose probability under its head
+           is below it in every row (dynamic draft length)
   verify   the main model runs once over seq[count-1 .. count-1+D] (pending token + D drafts)
   accept   the acceptance rule keeps a prefix of a drafts and picks one more token from the main model
 
@@ -17,12 +19,13 @@ repairs entries built on rejected drafts and fills entries for newly accepted to
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from mtpd.decode.acceptance import Greedy
+from mtpd.decode.acceptance import Greedy, draft_probability
 from mtpd.decode.generation import Generation, collect, finished, make_batch
-from mtpd.model import MTPModel
+from mtpd.model import KVCache, MTPModel
 
 
 def _gather_rows(buffer: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -34,11 +37,57 @@ def _scatter_rows(buffer: torch.Tensor, positions: torch.Tensor, values: torch.T
     buffer.scatter_(1, positions[..., None].expand(-1, -1, buffer.shape[-1]), values)
 
 
+@dataclass
+class HeadState:
+    """What the heads carry between steps."""
+
+    caches: list[KVCache]  # one per head
+    hidden: torch.Tensor  # [K, B, capacity, d]: hidden[j] = h{j} per position, the input of head j+1
+    computed: torch.Tensor  # [K+1, B]: computed[k] = positions 0..computed[k]-1 head k has run on
+
+
+def draft(model: MTPModel, heads: HeadState, seq: torch.Tensor, count: torch.Tensor, max_drafts: int, rule,
+          generator: torch.Generator | None, threshold: float, active: torch.Tensor):
+    """Run heads 1..D, each over the positions its cache lacks, and write their drafts into seq.
+
+    Returns the drafts [B, D] and their draft distributions [B, D, V] (None for greedy)."""
+    B, device = seq.shape[0], seq.device
+    rows = torch.arange(B, device=device)
+    K = heads.hidden.shape[0]
+    drafts, draft_probs = [], []
+    for k in range(1, max_drafts + 1):
+        valid = torch.minimum(heads.computed[k], count - 1 - k).clamp_min(0)
+        chunk = int((count - 1 - valid).max())
+        start = (count - 1 - chunk).clamp_min(0)
+        positions = start[:, None] + torch.arange(chunk, device=device)
+        h = model.head_step(k, _gather_rows(heads.hidden[k - 1], positions), positions,
+                            seq.gather(1, positions + k), heads.caches[k - 1])
+        if k < K:
+            _scatter_rows(heads.hidden[k], positions, h)
+        heads.computed[k] = count - 1
+        logits = model.head_logits(k, h[rows, count - 2 - start])
+        token, probs = rule.choose(logits, generator)
+        seq[rows, count - 1 + k] = token
+        drafts.append(token)
+        draft_probs.append(probs)
+        if threshold > 0 and k < max_drafts:
+            confident = draft_probability(logits, token, probs) >= threshold
+            if not bool((confident & active).any()):
+                break
+    tokens = torch.stack(drafts, 1) if drafts else seq[:, :0]
+    probs = torch.stack(draft_probs, 1) if drafts and draft_probs[0] is not None else None
+    return tokens, probs
+
+
 @torch.no_grad()
 def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, rule=Greedy(),
                          num_heads: int | None = None, eos_id: int | None = None,
                          generator: torch.Generator | None = None,
-                         on_tokens: Callable[[list[list[int]]], None] | None = None) -> Generation:
+                         on_tokens: Callable[[list[list[int]]], None] | None = None,
+                         draft_threshold: float = 0.0) -> Generation:
+    """Decode with the first `num_heads` heads drafting and the main model verifying; the output equals the
+    main model's own (greedy: token for token; sampling: in distribution). `draft_threshold` > 0 turns on
+    dynamic draft length."""
     K = model.num_heads if num_heads is None else min(num_heads, model.num_heads)
     main = model.main
     context = main.max_seq_len
@@ -50,16 +99,15 @@ def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_toke
     rows = torch.arange(B, device=device)
 
     main_cache = main.new_cache(B, capacity)
-    head_caches = model.new_head_caches(B, capacity)[:K]
-    # hidden[j] = h{j} per position: the main model's (j = 0) and head j's outputs, inputs of head j+1
-    hidden = torch.zeros(K, B, capacity, model.cfg.d_model, device=device, dtype=weight.dtype)
-    computed = torch.zeros(K + 1, B, dtype=torch.long, device=device)  # computed[k]: positions head k ran on
+    heads = HeadState(model.new_head_caches(B, capacity)[:K],
+                      torch.zeros(K, B, capacity, model.cfg.d_model, device=device, dtype=weight.dtype),
+                      torch.zeros(K + 1, B, dtype=torch.long, device=device))
 
     # Prefill: the main model over the prompts gives h0 and the first new token.
     positions = torch.arange(P, device=device).expand(B, P)
     h0 = main(seq[:, :P], positions, main_cache)
     if K:
-        hidden[0, :, :P] = h0
+        heads.hidden[0, :, :P] = h0
     token, _ = rule.choose(main.logits(h0[rows, batch.prompt_len - 1]), generator)
     seq[rows, batch.prompt_len] = token
     count = batch.prompt_len + 1
@@ -71,31 +119,15 @@ def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_toke
     while bool(active.any()):
         # Fewer drafts near the end of the context: verification must stay inside it.
         room = int(torch.where(active, context - count, context).min())
-        D = max(0, min(K, room))
-        drafts, draft_probs = [], []
-        for k in range(1, D + 1):
-            valid = torch.minimum(computed[k], count - 1 - k).clamp_min(0)
-            chunk = int((count - 1 - valid).max())
-            start = (count - 1 - chunk).clamp_min(0)
-            positions = start[:, None] + torch.arange(chunk, device=device)
-            h = model.head_step(k, _gather_rows(hidden[k - 1], positions), positions, seq.gather(1, positions + k),
-                                head_caches[k - 1])
-            if k < K:
-                _scatter_rows(hidden[k], positions, h)
-            computed[k] = count - 1
-            last = h[rows, count - 2 - start]
-            token, probs = rule.choose(model.head_logits(k, last), generator)
-            seq[rows, count - 1 + k] = token
-            drafts.append(token)
-            draft_probs.append(probs)
+        drafts, draft_probs = draft(model, heads, seq, count, max(0, min(K, room)), rule, generator,
+                                    draft_threshold, active)
+        D = drafts.shape[1]
 
         positions = (count - 1)[:, None] + torch.arange(D + 1, device=device)
         h0 = main(seq.gather(1, positions), positions, main_cache)
         if K:
-            _scatter_rows(hidden[0], positions, h0)
-        draft_tokens = torch.stack(drafts, 1) if drafts else seq[:, :0]
-        probs = torch.stack(draft_probs, 1) if drafts and draft_probs[0] is not None else None
-        accepted, token = rule.verify(draft_tokens, probs, main.logits(h0), generator)
+            _scatter_rows(heads.hidden[0], positions, h0)
+        accepted, token = rule.verify(drafts, draft_probs, main.logits(h0), generator)
         accepted = torch.where(active, accepted, 0)
         seq[rows, count + accepted] = torch.where(active, token, seq[rows, count + accepted])
         new_start = count
