@@ -31,6 +31,13 @@ EPILOG_EXTEND = """examples:
 """
 
 
+EPILOG_EXPERIMENT = """examples:
+  mtpd experiment --suite paper --scale quick --out runs/exp-quick
+  mtpd experiment --suite looped --scale full --out runs/exp-looped
+  mtpd experiment --suite mtp-vs-mtpd --preset tiny --tokens 1000000 --data my_corpus/
+"""
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model (preset values unless overridden)")
     m.add_argument("--preset", default="tiny", help=f"named model shape: {', '.join(PRESETS)} (default: tiny)")
@@ -189,6 +196,25 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    import dataclasses
+
+    from mtpd.experiment import SCALES, run_suite
+    from mtpd.report import write_experiment_report
+
+    scale = SCALES[args.scale]
+    overrides = {"preset": args.preset, "tokens": args.tokens}
+    if args.tokens is not None and args.tokens < 1:
+        raise MtpdError(f"--tokens must be >= 1 (got {args.tokens})")
+    if args.preset is not None:
+        preset(args.preset)  # unknown preset: one line, before any work
+    scale = dataclasses.replace(scale, **{k: v for k, v in overrides.items() if v is not None})
+    summary = run_suite(args.suite, scale, args.out, args.data, args.device, show_progress=not args.quiet)
+    for path in write_experiment_report(summary, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from mtpd.demo import run_demo
 
@@ -308,6 +334,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("experiment", help="reproduce the paper's findings at small scale: variants, tables, plots",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_EXPERIMENT,
+                       description="Train a suite of variants with identical data order, tokens and seed, evaluate "
+                                   "each\n(main-head loss, offline acceptance per head) and benchmark it online "
+                                   "(acceptance, mean accepted\ntokens, speedup vs KV-cached AR); write results.json, "
+                                   "report.md and plots. Finished variants are\nskipped, so an interrupted run resumes.\n\n"
+                                   "suites:\n"
+                                   "  paper        MTP vs MTP-D (1 and 4 heads), stop-gradient off, top-N 10/100/full,\n"
+                                   "               beta 1.0/1.5, reverse KL, looped 8 and 16 heads, 8 heads jointly\n"
+                                   "  looped       MTP 1 and 4 heads, MTP-D 4 heads, looped 8 and 16, 8 heads jointly\n"
+                                   "  mtp-vs-mtpd  MTP and MTP-D with 1 and 4 heads\n"
+                                   "scales:\n"
+                                   "  quick        `tiny`, 150k tokens a variant: the paper suite in ~30 min on 2 CPU cores\n"
+                                   "  full         `small`, 1M tokens a variant: hours")
+    p.add_argument("--suite", default="paper", choices=["paper", "looped", "mtp-vs-mtpd"], help="default: paper")
+    p.add_argument("--scale", default="quick", choices=["quick", "full"], help="default: quick")
+    p.add_argument("--out", default="runs/experiment", help="output directory (default: runs/experiment)")
+    p.add_argument("--data", help="corpus (default: the Python standard library)")
+    p.add_argument("--preset", help="override the scale's model preset")
+    p.add_argument("--tokens", type=int, help="override the scale's pretraining tokens per variant")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_experiment)
+
     p = sub.add_parser("demo", help="train a tiny MTP-D model on the standard library, evaluate and benchmark it",
                        description="The whole method on the built-in default: trains the `tiny` preset with 4 MTP-D "
                                    "heads on the Python standard library's source, evaluates it (validation loss, "
@@ -330,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         # Checkpoints are written atomically, so an interrupted run can always be continued.
-        hint = ": the latest checkpoint is intact; continue with --resume" if args.command in ("train", "extend", "demo") else ""
+        hint = ": the latest checkpoint is intact; continue with --resume" if args.command in ("train", "extend", "experiment", "demo") else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -103,7 +103,7 @@ def extend(ckpt: str | Path, num_heads: int, out_dir: str | Path, budget: dict |
     model.extend_heads(num_heads)
     _check_writable(out_dir)
     history = [dict(event) for event in saved.get("history", [{"event": "pretrain", "heads": old_heads}])]
-    history[0].setdefault("tokens", saved.get("state", {}).get("tokens_seen"))  # the base run's own tokens
+    history[-1].setdefault("tokens", saved.get("state", {}).get("tokens_seen"))  # the extended stage's own tokens
     if not any(v is not None for v in (budget or {}).values()):
         if not history[0]["tokens"]:
             raise MtpdError(f"{checkpoint.path} does not record how many tokens its model was trained on: "
