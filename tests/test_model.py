@@ -49,3 +49,18 @@ def test_grouped_query_attention_and_tied_embeddings():
     assert model.main.lm_head.weight is model.main.embed.weight
     untied = micro_model(heads=1, tie_embeddings=False)
     assert untied.main.lm_head.weight is not untied.main.embed.weight
+
+
+def test_head_k_at_position_i_sees_exactly_tokens_up_to_i_plus_k():
+    """No leakage: head k's logits at position i change with t_{i+k} and never with t_{i+k+1} (its target)."""
+    model = micro_model(heads=3)
+    V, T, i = model.cfg.vocab_size, 12, 4
+    tokens = torch.randint(0, V, (1, T))
+    _, head_logits = model(tokens)
+    for k in range(1, 4):
+        for changed, should_change in ((i + k, True), (i + k + 1, False)):
+            other = tokens.clone()
+            other[0, changed] = (other[0, changed] + 1) % V
+            _, other_logits = model(other)
+            moved = not torch.allclose(head_logits[k - 1][0, i], other_logits[k - 1][0, i])
+            assert moved == should_change, (k, changed)
