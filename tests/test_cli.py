@@ -17,12 +17,6 @@ from mtpd.data import load_corpus, train_tokenizer
 MICRO = ["--preset", "micro", "--heads", "2", "--vocab-size", "300", "--batch-size", "4", "--seq-len", "32", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # micro models gain nothing from a second thread on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from mtpd.experiment import SUITES, Scale, run_suite, suite_variants
 from mtpd.report import write_experiment_report
@@ -12,12 +11,6 @@ MICRO = Scale("micro", tokens=4 * 4 * 32, batch_size=4, seq_len=32, warmup_steps
               bench_prompt_tokens=8, bench_new_tokens=8, draft_threshold=0.5, cost_probe_steps=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_paper_suite_runs_end_to_end_and_reports_every_variant(tmp_path, corpus_dir):

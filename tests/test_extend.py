@@ -17,12 +17,6 @@ from mtpd.train import TrainConfig, trainable_parameters
 MICRO = ["--preset", "micro", "--vocab-size", "300", "--batch-size", "4", "--seq-len", "32", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_new_heads_start_as_exact_copies_of_the_old_ones():

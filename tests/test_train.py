@@ -17,14 +17,6 @@ from mtpd.evaluate import evaluate
 from mtpd.train import Trainer, TrainConfig, learning_rate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro-model kernels are too small to gain from threads, and on a shared machine a second thread mostly
-    waits for a core: one thread keeps these tests fast and their timing steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.cache
