@@ -20,6 +20,56 @@ def micro_model(heads: int = 2, seed: int = 0, **overrides) -> MTPModel:
     return MTPModel(preset("micro", mtp_heads=heads, **overrides)).eval()
 
 
+def markov_tokens(n: int, seed: int, p_first: float = 0.8) -> torch.Tensor:
+    """A low-entropy order-1 chain: each token has 2 likely successors, so heads can learn to draft."""
+    g = torch.Generator().manual_seed(seed)
+    successors = torch.randint(0, 40, (40, 2), generator=g)
+    tokens = [0]
+    for _ in range(n - 1):
+        options = successors[tokens[-1]]
+        tokens.append(int(options[0] if torch.rand((), generator=g) < p_first else options[1]))
+    return torch.tensor(tokens)
+
+
+def train_micro(stream: torch.Tensor, steps: int) -> MTPModel:
+    """A micro model with 4 heads trained with plain CE on windows of `stream`."""
+    torch.manual_seed(0)
+    model = micro_model(heads=4).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        starts = torch.randint(0, len(stream) - 65, (16,))
+        window = torch.stack([stream[s:s + 65] for s in starts.tolist()])
+        main_logits, head_logits = model(window[:, :-1])
+        loss = torch.nn.functional.cross_entropy(main_logits.flatten(0, 1), window[:, 1:].flatten())
+        for k, logits in enumerate(head_logits, start=1):
+            loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, k + 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_model():
+    """A micro model with 4 heads trained for a few seconds: drafts are accepted often, not always."""
+    return train_micro(markov_tokens(20000, seed=1), 150)
+
+
+@pytest.fixture(scope="session")
+def uncertain_model():
+    """Trained briefly on a 55/45 chain: main model and heads often disagree on the top token and agree on
+    the second, so tree branches other than the top-1 chain get accepted too."""
+    return train_micro(markov_tokens(20000, seed=1, p_first=0.55), 80)
+
+
+def prompts_from(stream: torch.Tensor, lengths: list[int]) -> list[list[int]]:
+    out, at = [], 0
+    for n in lengths:
+        out.append(stream[at:at + n].tolist())
+        at += n + 7
+    return out
+
+
 SAMPLE_TEXT = '''def fibonacci(n):
     """Return the n-th Fibonacci number."""
     a, b = 0, 1

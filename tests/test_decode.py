@@ -3,48 +3,7 @@ import torch
 
 from mtpd.decode import Greedy, SpeculativeSampling, autoregressive_generate, sampling_probs, speculative_generate
 from mtpd.errors import MtpdError
-from conftest import micro_model
-
-VOCAB = 320
-
-
-def markov_tokens(n: int, seed: int) -> torch.Tensor:
-    """A low-entropy order-1 chain: each token has 2 likely successors, so heads can learn to draft."""
-    g = torch.Generator().manual_seed(seed)
-    successors = torch.randint(0, 40, (40, 2), generator=g)
-    tokens = [0]
-    for _ in range(n - 1):
-        options = successors[tokens[-1]]
-        tokens.append(int(options[0] if torch.rand((), generator=g) < 0.8 else options[1]))
-    return torch.tensor(tokens)
-
-
-@pytest.fixture(scope="module")
-def trained_model():
-    """A micro model with 4 heads trained for a few seconds: drafts are accepted often, not always."""
-    torch.manual_seed(0)
-    model = micro_model(heads=4).train()
-    stream = markov_tokens(20000, seed=1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(150):
-        starts = torch.randint(0, len(stream) - 65, (16,))
-        window = torch.stack([stream[s:s + 65] for s in starts.tolist()])
-        main_logits, head_logits = model(window[:, :-1])
-        loss = torch.nn.functional.cross_entropy(main_logits.flatten(0, 1), window[:, 1:].flatten())
-        for k, logits in enumerate(head_logits, start=1):
-            loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, k + 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
-
-
-def prompts_from(stream: torch.Tensor, lengths: list[int]) -> list[list[int]]:
-    out, at = [], 0
-    for n in lengths:
-        out.append(stream[at:at + n].tolist())
-        at += n + 7
-    return out
+from conftest import markov_tokens, prompts_from
 
 
 @pytest.mark.parametrize("num_heads", [1, 2, 4])

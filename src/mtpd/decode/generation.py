@@ -15,6 +15,8 @@ class Generation:
     steps: int = 0  # main-model forward passes after the prefill
     accepted: list[int] = field(default_factory=list)  # speculative: drafts accepted, one entry per row-step
     drafted: list[int] = field(default_factory=list)  # speculative: drafts proposed, one entry per row-step
+    verified: list[int] = field(default_factory=list)  # speculative: drafted tokens verified, per row-step
+                                                       # (a chain verifies its drafts; a tree, all its nodes)
 
     @property
     def num_tokens(self) -> int:

@@ -14,18 +14,25 @@ Head k's entry at position i depends on token seq[i+k], so its last entries were
 per row we keep how many positions each head computed, and the valid prefix is
 `min(computed, count - 1 - k)`. Each step a head recomputes only from there (its "chunk"), which both
 repairs entries built on rejected drafts and fills entries for newly accepted tokens, in one pass.
+
+The loop is shared: `prefill` sets up a `Decoding`, a step (`chain_step` here, or a tree drafter's step,
+decode/tree_draft.py) drafts and verifies, and `advance` appends the result.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mtpd.decode.acceptance import Greedy, draft_probability
-from mtpd.decode.generation import Generation, collect, finished, make_batch
+from mtpd.decode.generation import Batch, Generation, collect, finished, make_batch
 from mtpd.model import KVCache, MTPModel
+
+if TYPE_CHECKING:
+    from mtpd.decode.tree_draft import TreeDrafter
 
 
 def _gather_rows(buffer: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -79,64 +86,114 @@ def draft(model: MTPModel, heads: HeadState, seq: torch.Tensor, count: torch.Ten
     return tokens, probs
 
 
-@torch.no_grad()
-def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, rule=Greedy(),
-                         num_heads: int | None = None, eos_id: int | None = None,
-                         generator: torch.Generator | None = None,
-                         on_tokens: Callable[[list[list[int]]], None] | None = None,
-                         draft_threshold: float = 0.0) -> Generation:
-    """Decode with the first `num_heads` heads drafting and the main model verifying; the output equals the
-    main model's own (greedy: token for token; sampling: in distribution). `draft_threshold` > 0 turns on
-    dynamic draft length."""
-    K = model.num_heads if num_heads is None else min(num_heads, model.num_heads)
-    main = model.main
-    context = main.max_seq_len
-    weight = next(model.parameters())
-    device = weight.device
-    batch = make_batch(prompts, max_new_tokens, context, K + 1, device)
-    seq = batch.seq
-    B, P, capacity = seq.shape[0], batch.max_prompt_len, seq.shape[1]
-    rows = torch.arange(B, device=device)
+@dataclass
+class Decoding:
+    """One speculative decode in progress: what every step reads and updates."""
 
+    model: MTPModel
+    rule: object
+    generator: torch.Generator | None
+    num_heads: int  # K heads in use
+    seq: torch.Tensor  # [B, capacity] tokens: prompt, generated, then room for drafts
+    count: torch.Tensor  # [B] tokens in seq; the last one (pending) is not yet in the main cache
+    active: torch.Tensor  # [B] rows still generating
+    main_cache: object
+    heads: HeadState
+
+
+@dataclass
+class Step:
+    """What one step decided, per row: drafts accepted and the main model's next token; plus the drafts
+    proposed per row (chain: D; tree: its depth) and the tokens verified besides the pending one."""
+
+    accepted: torch.Tensor
+    token: torch.Tensor
+    drafted: int
+    verified: int
+
+
+def chain_step(state: Decoding, max_drafts: int, draft_threshold: float = 0.0) -> Step:
+    """Draft a chain with heads 1..max_drafts, verify it in one main-model pass, apply the rule."""
+    main, heads, seq, count = state.model.main, state.heads, state.seq, state.count
+    drafts, draft_probs = draft(state.model, heads, seq, count, max_drafts, state.rule, state.generator,
+                                draft_threshold, state.active)
+    D = drafts.shape[1]
+    positions = (count - 1)[:, None] + torch.arange(D + 1, device=seq.device)
+    h0 = main(seq.gather(1, positions), positions, state.main_cache)
+    if state.num_heads:
+        _scatter_rows(heads.hidden[0], positions, h0)
+    accepted, token = state.rule.verify(drafts, draft_probs, main.logits(h0), state.generator)
+    return Step(accepted, token, D, D)
+
+
+def advance(state: Decoding, step: Step) -> torch.Tensor:
+    """Append the step's next token after the accepted drafts of every active row; returns accepted [B]."""
+    rows = torch.arange(state.seq.shape[0], device=state.seq.device)
+    accepted = torch.where(state.active, step.accepted, 0)
+    at = state.count + accepted
+    state.seq[rows, at] = torch.where(state.active, step.token, state.seq[rows, at])
+    state.count = torch.where(state.active, at + 1, state.count)
+    return accepted
+
+
+def prefill(model: MTPModel, batch: Batch, rule, num_heads: int, generator: torch.Generator | None) -> Decoding:
+    """Empty caches, then the main model over the prompts: h0 for the heads and the first new token (pending)."""
+    main = model.main
+    seq, K = batch.seq, num_heads
+    weight = next(model.parameters())
+    B, P, capacity, device = seq.shape[0], batch.max_prompt_len, seq.shape[1], seq.device
+    rows = torch.arange(B, device=device)
     main_cache = main.new_cache(B, capacity)
     heads = HeadState(model.new_head_caches(B, capacity)[:K],
                       torch.zeros(K, B, capacity, model.cfg.d_model, device=device, dtype=weight.dtype),
                       torch.zeros(K + 1, B, dtype=torch.long, device=device))
-
-    # Prefill: the main model over the prompts gives h0 and the first new token.
     positions = torch.arange(P, device=device).expand(B, P)
     h0 = main(seq[:, :P], positions, main_cache)
     if K:
         heads.hidden[0, :, :P] = h0
     token, _ = rule.choose(main.logits(h0[rows, batch.prompt_len - 1]), generator)
     seq[rows, batch.prompt_len] = token
-    count = batch.prompt_len + 1
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    return Decoding(model, rule, generator, K, seq, batch.prompt_len + 1, active, main_cache, heads)
+
+
+@torch.no_grad()
+def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, rule=Greedy(),
+                         num_heads: int | None = None, eos_id: int | None = None,
+                         generator: torch.Generator | None = None,
+                         on_tokens: Callable[[list[list[int]]], None] | None = None,
+                         draft_threshold: float = 0.0, tree: "TreeDrafter | None" = None) -> Generation:
+    """Decode with the first `num_heads` heads drafting and the main model verifying; the output equals the
+    main model's own (greedy: token for token; sampling: in distribution). `draft_threshold` > 0 turns on
+    dynamic draft length (chain only). `tree` drafts a tree of candidates instead of one chain
+    (decode/tree_draft.py)."""
+    K = model.num_heads if num_heads is None else min(num_heads, model.num_heads)
+    if tree is not None:
+        tree.check(model, K)
+    extra = K + 1 if tree is None else max(K + 1, tree.max_nodes)
+    batch = make_batch(prompts, max_new_tokens, model.main.max_seq_len, extra, next(model.parameters()).device)
+    state = prefill(model, batch, rule, K, generator)
+    seq, active, context = state.seq, state.active, model.main.max_seq_len
+    B, count = seq.shape[0], state.count
+    rows = torch.arange(B, device=seq.device)
     if on_tokens is not None:
-        on_tokens([[int(t)] for t in token])
-    active = ~finished(batch, count, count - 1, eos_id)
+        on_tokens([[int(t)] for t in seq[rows, count - 1]])
+    active &= ~finished(batch, count, count - 1, eos_id)
     generation = Generation([], 0)
 
     while bool(active.any()):
         # Fewer drafts near the end of the context: verification must stay inside it.
-        room = int(torch.where(active, context - count, context).min())
-        drafts, draft_probs = draft(model, heads, seq, count, max(0, min(K, room)), rule, generator,
-                                    draft_threshold, active)
-        D = drafts.shape[1]
-
-        positions = (count - 1)[:, None] + torch.arange(D + 1, device=device)
-        h0 = main(seq.gather(1, positions), positions, main_cache)
-        if K:
-            _scatter_rows(heads.hidden[0], positions, h0)
-        accepted, token = rule.verify(drafts, draft_probs, main.logits(h0), generator)
-        accepted = torch.where(active, accepted, 0)
-        seq[rows, count + accepted] = torch.where(active, token, seq[rows, count + accepted])
-        new_start = count
-        count = torch.where(active, count + accepted + 1, count)
+        room = max(0, int(torch.where(active, context - count, context).min()))
+        step = chain_step(state, min(K, room), draft_threshold) if tree is None else tree.step(state, room)
+        new_start = state.count
+        accepted = advance(state, step)
+        count = state.count
         generation.steps += 1
         for b in range(B):
             if active[b]:
                 generation.accepted.append(int(accepted[b]))
-                generation.drafted.append(D)
+                generation.drafted.append(step.drafted)
+                generation.verified.append(step.verified)
         if on_tokens is not None:
             on_tokens([seq[b, int(new_start[b]):int(count[b])].tolist() for b in range(B)])
         active &= ~finished(batch, count, new_start, eos_id)

@@ -7,6 +7,11 @@ The cache contract is position-indexed: a cached pass receives per-row positions
 stores their keys/values at those positions, and lets each token attend to every position <= its own.
 Cutting a row back to a prefix of length n therefore needs no call at all: the next pass for that row
 starts at position n and everything cached beyond is never read again before it is overwritten.
+
+Tree drafting (decode/tree.py) needs more: a pass whose tokens share positions, written at explicit cache
+slots and attending through an explicit mask, and a cache that can move entries between slots. A backbone
+that offers it sets `supports_tree_attention = True`; speculative decoding with a tree refuses the others
+with a clear error (the chain works with every backbone).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import torch
 
 class Backbone(Protocol):
     max_seq_len: int  # context length: positions 0..max_seq_len-1
+    # True: __call__ accepts tree=TreeAttention(slots, mask) (model/decoder.py) with a cache, and the cache has
+    # copy_slots(source, target). False: tree drafting is refused, chain drafting still works.
+    supports_tree_attention: bool
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                  cache: Any | None = None) -> torch.Tensor:

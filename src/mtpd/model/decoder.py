@@ -9,6 +9,10 @@ positions of its tokens (a `Span`): it writes their keys/values at those positio
 attend to every cached position <= its own. Cutting the cache back to a prefix therefore costs nothing:
 the caller lowers its length, and the entries beyond are never attended to before a later pass
 overwrites them (passes always cover a contiguous range starting at or before the valid length).
+
+Tree verification (decode/tree.py) decouples cache slots from positions: several candidate tokens share a
+position, so a `TreeAttention` pass writes its tokens at explicit slots and attends through an explicit
+mask, and `KVCache.copy_slots` later moves the accepted path's entries to their sequential slots.
 """
 
 from __future__ import annotations
@@ -42,10 +46,20 @@ class KVCache:
             self.k[layer, :, :, span.start:span.start + k.shape[2]] = k
             self.v[layer, :, :, span.start:span.start + k.shape[2]] = v
         else:
-            index = span.positions[:, None, :, None].expand_as(k)
+            slots = span.positions if span.slots is None else span.slots
+            index = slots[:, None, :, None].expand_as(k)
             self.k[layer].scatter_(2, index, k)
             self.v[layer].scatter_(2, index, v)
         return self.k[layer, :, :, :span.kv_len], self.v[layer, :, :, :span.kv_len]
+
+    def copy_slots(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Per row, copy the entries at slots source [B, T] to slots target [B, T] (every layer); all sources
+        are read before any target is written."""
+        L, B, H, _, D = self.k.shape
+        src = source[None, :, None, :, None].expand(L, B, H, -1, D)
+        dst = target[None, :, None, :, None].expand(L, B, H, -1, D)
+        for buffer in (self.k, self.v):
+            buffer.scatter_(3, dst, buffer.gather(3, src))
 
 
 @dataclass
@@ -56,8 +70,19 @@ class Span:
     cos: torch.Tensor  # [B or 1, 1, T, head_dim / 2]
     sin: torch.Tensor
     mask: torch.Tensor | None  # [B, 1, T, kv_len] bool; None: plain causal over 0..T-1 (no cache)
-    kv_len: int  # keys attended to: positions 0..kv_len-1
-    start: int | None  # set when all rows share positions start..start+T-1
+    kv_len: int  # keys attended to: slots 0..kv_len-1
+    start: int | None  # set when all rows share positions start..start+T-1 (and write them there)
+    slots: torch.Tensor | None = None  # [B, T] cache slots written, when they differ from the positions (trees)
+
+
+@dataclass(frozen=True)
+class TreeAttention:
+    """A cached pass whose tokens do not form a sequence (a draft tree): the cache slots [B, T] its tokens are
+    written at, and mask [B, T, kv_len] of the slots each token attends to. Positions (for RoPE) are passed
+    separately, as for any cached pass."""
+
+    slots: torch.Tensor
+    mask: torch.Tensor
 
 
 class Rotary(nn.Module):
@@ -87,6 +112,13 @@ class Rotary(nn.Module):
         mask = key_positions[None, None, None, :] <= positions[:, None, :, None]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         return Span(positions, cos, sin, mask, kv_len, start)
+
+    def tree_span(self, positions: torch.Tensor, tree: TreeAttention) -> Span:
+        """A pass over per-row positions [B, T] written at tree.slots, attending through tree.mask."""
+        if int(positions.max()) >= self.cos.shape[0]:
+            raise ValueError(f"position {int(positions.max())} is beyond the context length {self.cos.shape[0]}")
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        return Span(positions, cos, sin, tree.mask[:, None], tree.mask.shape[-1], None, tree.slots)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -147,6 +179,8 @@ class Decoder(nn.Module):
     `forward` returns the last hidden state h0 (before the final norm, DESIGN §1).
     """
 
+    supports_tree_attention = True  # forward accepts `tree`; its KVCache has copy_slots
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -163,11 +197,17 @@ class Decoder(nn.Module):
         return self.cfg.max_seq_len
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, tree: TreeAttention | None = None) -> torch.Tensor:
         """tokens [B, T] -> h0 [B, T, d]. Without a cache: a causal pass over positions 0..T-1. With one: the
         tokens sit at `positions` [B, T] (per row), their keys/values are written there, and each attends to
-        every cached position <= its own."""
-        span = self.rotary.causal_span(tokens.shape[1]) if cache is None else self.rotary.cached_span(positions)
+        every cached position <= its own; with `tree`, they are written at tree.slots and attend through
+        tree.mask instead."""
+        if cache is None:
+            span = self.rotary.causal_span(tokens.shape[1])
+        elif tree is None:
+            span = self.rotary.cached_span(positions)
+        else:
+            span = self.rotary.tree_span(positions, tree)
         x = self.embed(tokens)
         for layer, block in enumerate(self.blocks):
             x = block(x, span, cache, layer)

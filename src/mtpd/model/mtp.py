@@ -20,7 +20,7 @@ from torch import nn
 from mtpd.config import ModelConfig
 from mtpd.errors import MtpdError
 from mtpd.model.backbone import Backbone
-from mtpd.model.decoder import Block, Decoder, KVCache, Rotary, Span, init_weights
+from mtpd.model.decoder import Block, Decoder, KVCache, Rotary, Span, TreeAttention, init_weights
 
 
 class MTPHead(nn.Module):
@@ -98,10 +98,12 @@ class MTPModel(nn.Module):
         return self.main.project(self.heads[k - 1].norm(hk))
 
     def head_step(self, k: int, prev_hidden: torch.Tensor, positions: torch.Tensor, next_tokens: torch.Tensor,
-                  cache: KVCache) -> torch.Tensor:
+                  cache: KVCache, tree: TreeAttention | None = None) -> torch.Tensor:
         """Head k over per-row positions [B, T] of a cached pass, reading h{k-1} there and the tokens at
-        positions + k; returns hk [B, T, d]."""
-        return self.heads[k - 1](prev_hidden, self.main.embed(next_tokens), self.rotary.cached_span(positions), cache)
+        positions + k; returns hk [B, T, d]. With `tree`, the tokens are written at tree.slots and attend
+        through tree.mask (tree drafting: several nodes share a position)."""
+        span = self.rotary.cached_span(positions) if tree is None else self.rotary.tree_span(positions, tree)
+        return self.heads[k - 1](prev_hidden, self.main.embed(next_tokens), span, cache)
 
     def new_head_caches(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
         weight = self.heads[0].proj.weight if self.heads else self.rotary.cos
