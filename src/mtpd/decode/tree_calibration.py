@@ -1,0 +1,171 @@
+"""Choosing a static draft tree by measurement: expected accepted tokens per unit of measured step cost.
+
+Acceptance statistics. A node of a static tree is a path of ranks (r1, .., rm) (decode/tree.py). At a
+step whose root (pending token) sits at position n, the node is accepted exactly when, for every depth
+j <= m, the main model's greedy token seq[n+j] is the r_j-th most likely token of head j evaluated along
+the path, and along an accepted path the heads read exactly the tokens of the greedy continuation. So
+running the model teacher-forced over greedy continuations of held-out prompts gives, for every root
+position, the rank vector R = (rank of seq[n+1] under head 1, .., rank of seq[n+D] under head D), and a
+tree's mean accepted drafts over those positions is the sum over its nodes of the fraction of positions
+whose R starts with the node's path. No independence assumption, no sampling.
+
+The best tree of B nodes is then the B most frequent prefixes (a prefix is never rarer than its
+extensions, so they form a tree). Bigger trees accept more but cost more per step (a wider verification
+pass, heads run on more nodes); the budget is the one with the most expected tokens per second of
+measured step time (`choose_tree`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from mtpd.decode.autoregressive import autoregressive_generate
+from mtpd.decode.speculative import speculative_generate
+from mtpd.decode.tree import TreeShape
+from mtpd.decode.tree_draft import StaticTree
+from mtpd.errors import MtpdError
+from mtpd.model import MTPModel
+
+
+@torch.no_grad()
+def draft_ranks(model: MTPModel, prompts: list[list[int]], new_tokens: int, depth: int,
+                max_rank: int = 16) -> torch.Tensor:
+    """Rank vectors [M, depth] of the greedy tokens under heads 1..depth, one per root position of the
+    greedy continuations of `prompts` (ranks >= max_rank are stored as max_rank: never in a tree)."""
+    continuations = autoregressive_generate(model.main, prompts, new_tokens).tokens
+    ranks = []
+    device = next(model.parameters()).device
+    for prompt, continuation in zip(prompts, continuations):
+        sequence = torch.tensor([prompt + continuation], device=device)
+        _, head_logits = model(sequence)
+        P, T = len(prompt), sequence.shape[1]
+        roots = torch.arange(P, T - depth, device=device)  # the drafts seq[n+1..n+depth] are greedy tokens
+        if len(roots) == 0:
+            continue
+        per_depth = []
+        for j in range(1, depth + 1):
+            logits = head_logits[j - 1][0, roots - 1]  # head j at position n-1 predicts seq[n+j]
+            target = logits.gather(-1, sequence[0, roots + j, None])
+            per_depth.append((logits > target).sum(-1).clamp_max(max_rank))
+        ranks.append(torch.stack(per_depth, -1))
+    if not ranks:
+        raise MtpdError("no calibration positions: use longer calibration continuations")
+    return torch.cat(ranks).cpu()
+
+
+def prefix_frequencies(ranks: torch.Tensor, max_rank: int = 16) -> dict[tuple[int, ...], float]:
+    """Fraction of root positions whose rank vector starts with each observed path."""
+    counts: Counter = Counter()
+    for row in ranks.tolist():
+        for m in range(1, len(row) + 1):
+            if row[m - 1] >= max_rank:
+                break
+            counts[tuple(row[:m])] += 1
+    return {path: c / len(ranks) for path, c in counts.items()}
+
+
+def best_tree(frequencies: dict[tuple[int, ...], float], nodes: int) -> tuple[TreeShape, float]:
+    """The `nodes` most frequent paths (ties: shallower first, so parents precede children) and the mean
+    accepted tokens per step they give (1 + the sum of their frequencies)."""
+    if not frequencies:
+        return TreeShape.chain(1), 1.0
+    ranked = sorted(frequencies, key=lambda p: (-frequencies[p], len(p), p))[:nodes]
+    return TreeShape.from_paths(ranked), 1.0 + sum(frequencies[p] for p in ranked)
+
+
+@dataclass
+class TreeChoice:
+    shape: TreeShape
+    expected_tau: float  # calibration's mean accepted tokens per step with this tree
+    step_ms: float  # its time per step (the fitted cost model)
+    chain_expected_tau: float  # the same estimate for the chain of all heads
+    positions: int  # root positions the statistics come from
+    candidates: list[dict] = field(default_factory=list)  # every tree tried: nodes, expected tau, ms per step
+
+    def report(self) -> dict:
+        return {"shape": self.shape.spec(), "nodes": self.shape.num_nodes, "depth": self.shape.depth,
+                "expected_mean_accepted_tokens": self.expected_tau, "step_ms": self.step_ms,
+                "chain_expected_mean_accepted_tokens": self.chain_expected_tau, "positions": self.positions,
+                "candidates": self.candidates}
+
+
+def chain_tau(frequencies: dict[tuple[int, ...], float], depth: int) -> float:
+    return 1.0 + sum(frequencies.get((0,) * m, 0.0) for m in range(1, depth + 1))
+
+
+def candidate_trees(frequencies: dict[tuple[int, ...], float], max_nodes: int) -> list[tuple[TreeShape, float]]:
+    """The best tree of every size 2..max_nodes (root included), with its expected tau; sizes beyond the
+    observed paths are left out."""
+    trees: list[tuple[TreeShape, float]] = []
+    for nodes in range(1, max_nodes):
+        shape, tau = best_tree(frequencies, nodes)
+        if not trees or shape != trees[-1][0]:
+            trees.append((shape, tau))
+    return trees
+
+
+def fit_step_cost(shapes: list[TreeShape], measured_ms: list[float]) -> list[float]:
+    """Least-squares ms = a + b * nodes + c * depth through the measurements: the timings of a busy machine
+    are noisy, and a step's cost is close to affine in the verified nodes (one wider main-model pass) and
+    in the depth (one head call per level). Fewer than 4 trees: the measurements themselves."""
+    if len(shapes) < 4:
+        return list(measured_ms)
+    features = torch.tensor([[1.0, s.num_nodes, s.depth] for s in shapes], dtype=torch.float64)
+    target = torch.tensor(measured_ms, dtype=torch.float64)[:, None]
+    coefficients = torch.linalg.lstsq(features, target).solution
+    return [max(float(v), 1e-6) for v in (features @ coefficients)[:, 0]]
+
+
+def _clock(device: torch.device) -> Callable[[], float]:
+    """CPU time of this process on the CPU (robust to other processes sharing the cores), wall time on an
+    accelerator (after synchronising)."""
+    if device.type == "cuda":
+        return lambda: (torch.cuda.synchronize(device), time.perf_counter())[1]
+    return time.process_time
+
+
+def measure_step_ms(model: MTPModel, prompt: list[int], num_heads: int, shapes: list[TreeShape],
+                    new_tokens: int = 32, rounds: int = 3,
+                    progress: Callable[[str], None] | None = None) -> list[float]:
+    """Milliseconds per speculative step (drafting, verification, compaction) of each tree: the fastest of
+    `rounds` interleaved runs (a step's cost barely depends on what it accepts)."""
+    clock = _clock(next(model.parameters()).device)
+    speculative_generate(model, [prompt], 8, num_heads=num_heads, tree=StaticTree(shapes[-1]))  # warm-up
+    best = [float("inf")] * len(shapes)
+    for round_index in range(rounds):
+        for i, shape in enumerate(shapes):
+            start = clock()
+            result = speculative_generate(model, [prompt], new_tokens, num_heads=num_heads, tree=StaticTree(shape))
+            best[i] = min(best[i], (clock() - start) / max(result.steps, 1) * 1e3)
+        if progress:
+            progress(f"tree calibration: timing round {round_index + 1}/{rounds}")
+    return best
+
+
+def calibrate_tree(model: MTPModel, prompts: list[list[int]], num_heads: int, max_nodes: int = 16,
+                   new_tokens: int = 128, rounds: int = 3,
+                   progress: Callable[[str], None] | None = None) -> TreeChoice:
+    """The static tree for this model and machine: acceptance statistics from greedy continuations of
+    `prompts` (held out from the benchmark's), the best tree of each size up to `max_nodes`, each timed
+    (cost model fitted through the timings); the most expected tokens per millisecond wins."""
+    if max_nodes < 2:
+        raise MtpdError(f"--tree-nodes must be >= 2: the root and at least one draft (got {max_nodes})")
+    if progress:
+        progress(f"tree calibration: greedy continuations of {len(prompts)} validation prompts")
+    ranks = draft_ranks(model, prompts, new_tokens, num_heads)
+    frequencies = prefix_frequencies(ranks)
+    trees = candidate_trees(frequencies, max_nodes)
+    shapes = [shape for shape, _ in trees]
+    measured = measure_step_ms(model, prompts[0], num_heads, shapes, rounds=rounds, progress=progress)
+    fitted = fit_step_cost(shapes, measured)
+    candidates = [{"nodes": shape.num_nodes, "shape": shape.spec(), "expected_mean_accepted_tokens": tau,
+                   "measured_step_ms": ms, "step_ms": fit, "expected_tokens_per_ms": tau / fit}
+                  for (shape, tau), ms, fit in zip(trees, measured, fitted)]
+    best = max(range(len(trees)), key=lambda i: candidates[i]["expected_tokens_per_ms"])
+    return TreeChoice(shapes[best], trees[best][1], fitted[best], chain_tau(frequencies, num_heads), len(ranks),
+                      candidates)

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from mtpd.decode import speculative_generate
+from mtpd.decode.tree import TreeShape
+from mtpd.decode.tree_calibration import (best_tree, calibrate_tree, candidate_trees, chain_tau, draft_ranks,
+                                          fit_step_cost, prefix_frequencies)
+from mtpd.decode.tree_draft import StaticTree
+from mtpd.errors import MtpdError
+from conftest import markov_tokens, prompts_from
+
+
+def test_prefix_frequencies_and_best_tree():
+    ranks = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [0, 0, 0], [16, 0, 0], [0, 16, 0], [2, 2, 2]])
+    f = prefix_frequencies(ranks, max_rank=16)
+    assert f[(0,)] == 5 / 8 and f[(0, 0)] == 3 / 8 and f[(0, 0, 0)] == 2 / 8 and f[(1,)] == 1 / 8
+    assert (16,) not in f and (0, 16) not in f
+    shape, tau = best_tree(f, 3)
+    assert shape.paths == ((0,), (0, 0), (0, 0, 0))
+    assert tau == pytest.approx(1 + (5 + 3 + 2) / 8)
+    assert chain_tau(f, 3) == pytest.approx(tau)
+    shape, tau = best_tree(f, 5)  # ties at 1/8: shallower nodes first, so every parent is in the tree
+    assert shape.paths == ((0,), (1,), (2,), (0, 0), (0, 0, 0))
+    trees = candidate_trees(f, max_nodes=5)
+    assert [s.num_nodes for s, _ in trees] == [2, 3, 4, 5]
+    assert [t for _, t in trees] == sorted(t for _, t in trees)
+
+
+def test_fit_step_cost_is_affine_in_nodes_and_depth():
+    shapes = [TreeShape.parse(s) for s in ("0", "0 0.0", "0 1 0.0", "0 1 0.0 0.0.0", "0 1 2 0.0 1.0 0.0.0")]
+    truth = [3.0 + 0.5 * s.num_nodes + 2.0 * s.depth for s in shapes]
+    noisy = [t * f for t, f in zip(truth, (1.0, 1.3, 0.9, 1.0, 1.05))]
+    fitted = fit_step_cost(shapes, noisy)
+    assert max(abs(f - t) / t for f, t in zip(fitted, truth)) < 0.15
+    assert fit_step_cost(shapes[:2], [1.0, 2.0]) == [1.0, 2.0]
+
+
+def test_draft_ranks_predict_the_measured_acceptance(uncertain_model):
+    """On the calibration prompts themselves, the chain's expected tau from the rank statistics equals the
+    chain decoder's measured tau up to the positions a decode skips (it visits one root per step)."""
+    prompts = prompts_from(markov_tokens(3000, seed=5, p_first=0.55), [12, 17, 9, 20, 14, 11])
+    ranks = draft_ranks(uncertain_model, prompts, 40, 4)
+    assert ranks.shape[1] == 4 and len(ranks) == sum(40 - 4 for _ in prompts)
+    expected = chain_tau(prefix_frequencies(ranks), 4)
+    result = speculative_generate(uncertain_model, prompts, 40)
+    measured = 1 + sum(result.accepted) / len(result.accepted)
+    assert abs(expected - measured) < 0.5
+
+
+def test_calibrate_tree_picks_a_tree_that_pays(uncertain_model):
+    prompts = prompts_from(markov_tokens(3000, seed=7, p_first=0.55), [12, 17, 9, 20])
+    choice = calibrate_tree(uncertain_model, prompts, 4, max_nodes=8, new_tokens=24, rounds=1)
+    assert 2 <= choice.shape.num_nodes <= 8 and choice.shape.depth <= 4
+    report = choice.report()
+    assert report["shape"] == choice.shape.spec() and report["positions"] == 4 * 20
+    best = max(report["candidates"], key=lambda c: c["expected_tokens_per_ms"])
+    assert best["shape"] == choice.shape.spec()
+    assert choice.expected_tau >= max(c["expected_mean_accepted_tokens"] for c in report["candidates"]
+                                      if c["nodes"] <= 2)
+    reference = speculative_generate(uncertain_model, prompts, 24).tokens
+    assert speculative_generate(uncertain_model, prompts, 24, tree=StaticTree(choice.shape)).tokens == reference
+    with pytest.raises(MtpdError, match="--tree-nodes"):
+        calibrate_tree(uncertain_model, prompts, 4, max_nodes=1)
