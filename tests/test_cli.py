@@ -195,6 +195,39 @@ def test_bench_writes_the_design_report(tmp_path, capsys, corpus_dir):
     assert "identical to autoregressive: yes" in out
 
 
+def test_bench_tree_runs_chain_and_trees_side_by_side(tmp_path, capsys, corpus_dir):
+    saved_run(tmp_path / "run", corpus_dir)
+    code, out, err = run(capsys, "bench", "--ckpt", tmp_path / "run", "--num-prompts", 2, "--prompt-tokens", 8,
+                         "--max-new-tokens", 10, "--rounds", 1, "--skip-no-cache", "--tree-dynamic",
+                         "--tree-nodes", 4, "--json", tmp_path / "bench.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert "tree calibration" in err and "tree vs chain" in out
+    for name in ("tree", "tree_dynamic"):
+        tree = report[name]
+        for field in ("spec_tokens_per_s", "speedup", "mean_accepted_tokens", "acceptance_rate", "cumulative_acceptance",
+                      "identical_to_baseline", "tokens_verified_per_step", "drafter"):
+            assert field in tree, (name, field)
+        assert tree["identical_to_baseline"] is True and len(tree["acceptance_rate"]) == 2
+    calibration = report["tree"]["calibration"]
+    assert report["tree"]["drafter"]["shape"] == calibration["shape"] and calibration["nodes"] <= 4
+    assert report["tree_dynamic"]["drafter"]["nodes"] == calibration["nodes"]
+    assert report["tree_vs_chain"]["mean_accepted_tokens"] > 0
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--tree-shape", "0 a"], "cannot read tree shape"),
+    (["--tree-shape", "0 1.0"], "has no parent"),
+    (["--tree-shape", "0 0.0 0.0.0"], "the draft tree is 3 deep but 2 heads draft"),
+    (["--tree", "--tree-nodes", "1"], "--tree-nodes must be >= 2"),
+])
+def test_bad_tree_flags_are_one_line_errors(flags, fragment, tmp_path, capsys, corpus_dir):
+    saved_run(tmp_path / "run", corpus_dir)
+    code, _, err = run(capsys, "bench", "--ckpt", tmp_path / "run", "--num-prompts", 1, "--prompt-tokens", 8,
+                       "--max-new-tokens", 4, "--rounds", 1, "--skip-no-cache", *flags)
+    assert_one_line_error(code, err, fragment)
+
+
 def test_bench_reads_prompts_from_a_file(tmp_path, capsys, corpus_dir):
     saved_run(tmp_path / "run", corpus_dir)
     (tmp_path / "prompts.txt").write_text("def fib(n):\\n    a, b = 0, 1\n\nclass Stack:\n")

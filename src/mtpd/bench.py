@@ -1,8 +1,14 @@
 """`mtpd bench`: speculative decoding against its baselines, same prompts, same run, after warm-up.
 
-Methods are timed in interleaved rounds (baseline, no-cache baseline, speculative, then again), so a
-noisy machine slows all of them alike. Tokens are counted the same way for every method: generated
-tokens, EOS ignored so every row produces exactly max_new_tokens.
+Methods are timed in interleaved rounds (baseline, speculative with a chain, with a tree if asked,
+no-cache baseline, then again), so a noisy machine slows all of them alike. Tokens are counted the same
+way for every method: generated tokens, EOS ignored so every row produces exactly max_new_tokens. Besides
+wall-clock time, each method's CPU time is recorded: on a machine shared with other jobs it measures the
+work done, where wall time also measures the waiting.
+
+With `tree`, a static draft tree is chosen first (decode/tree_calibration.py: acceptance statistics on
+validation prompts held out from the benchmark's, and timed steps) unless `tree_shape` gives one; the
+report's `tree` object carries the same metrics as the chain's (top level), plus the tree's shape.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from tokenizers import Tokenizer
 from mtpd.checkpoint import Checkpoint
 from mtpd.decode import Greedy, autoregressive_generate, make_rule, speculative_generate
 from mtpd.decode.generation import Generation
+from mtpd.decode.tree import TreeShape
+from mtpd.decode.tree_calibration import calibrate_tree
+from mtpd.decode.tree_draft import DynamicTree, StaticTree
 from mtpd.errors import MtpdError
 from mtpd.metrics import acceptance_rates, cumulative_acceptance, mean_accepted_tokens
 from mtpd.report import format_table
@@ -36,9 +45,15 @@ class BenchConfig:
     no_cache_baseline: bool = True
     seed: int = 0
     draft_threshold: float = 0.0  # > 0: dynamic draft length
+    tree: bool = False  # also decode with a draft tree, side by side with the chain
+    tree_shape: str | None = None  # a static tree as rank paths ("0 1 0.0"); None: calibrated
+    tree_nodes: int = 16  # calibration tries trees of up to this many nodes (root included)
+    tree_dynamic: bool = False  # also decode with a dynamic (EAGLE-2) tree of the static tree's node count
+    calibration_prompts: int = 16  # held-out validation prompts for the tree's acceptance statistics
 
     def validate(self) -> "BenchConfig":
         checks = [
+            (self.tree_nodes >= 2, f"--tree-nodes must be >= 2: the root and at least one draft (got {self.tree_nodes})"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
             (self.num_heads is None or self.num_heads >= 1, f"--heads must be >= 1 (got {self.num_heads})"),
@@ -52,15 +67,18 @@ class BenchConfig:
         return self
 
 
-def validation_prompts(val_tokens: torch.Tensor, num_prompts: int, prompt_tokens: int) -> list[list[int]]:
-    """Evenly spaced slices of the validation split, each `prompt_tokens` long."""
+def validation_prompts(val_tokens: torch.Tensor, num_prompts: int, prompt_tokens: int,
+                       offset: float = 0.0) -> list[list[int]]:
+    """Evenly spaced slices of the validation split, each `prompt_tokens` long, starting `offset` strides in
+    (0.5: midway between the slices of offset 0, so calibration never sees the benchmark's prompts)."""
     if num_prompts < 1 or prompt_tokens < 1:
         raise MtpdError(f"--num-prompts and --prompt-tokens must be >= 1 (got {num_prompts}, {prompt_tokens})")
     if val_tokens.numel() < prompt_tokens * num_prompts:
         raise MtpdError(f"validation split has {val_tokens.numel()} tokens, too few for {num_prompts} prompts of "
                         f"{prompt_tokens} tokens: pass --prompts FILE or fewer --num-prompts")
     stride = (val_tokens.numel() - prompt_tokens) // max(num_prompts, 1)
-    return [val_tokens[i * stride:i * stride + prompt_tokens].tolist() for i in range(num_prompts)]
+    starts = [int((i + offset) * stride) for i in range(num_prompts)]
+    return [val_tokens[s:s + prompt_tokens].tolist() for s in starts]
 
 
 def file_prompts(path: str | Path, tokenizer: Tokenizer) -> list[list[int]]:
@@ -82,18 +100,25 @@ def _batches(prompts: list[list[int]], size: int) -> list[list[list[int]]]:
 
 
 def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchConfig,
-                  progress: Callable[[str], None] | None = None) -> dict:
+                  progress: Callable[[str], None] | None = None,
+                  calibration_prompts: list[list[int]] | None = None) -> dict:
+    """`calibration_prompts`: held-out prompts the tree is calibrated on (with `tree` and no `tree_shape`)."""
     model = checkpoint.model.eval()
     heads = model.num_heads if cfg.num_heads is None else cfg.num_heads
     if not 1 <= heads <= model.num_heads:
         raise MtpdError(f"--heads {heads} is not available: the checkpoint has {model.num_heads} heads")
     rule = make_rule(cfg.temperature, cfg.top_k, cfg.top_p)
     batches = _batches(prompts, cfg.batch_size)
+    generate_spec = lambda tree: lambda b, g: speculative_generate(  # noqa: E731
+        model, b, cfg.max_new_tokens, rule, heads, generator=g, tree=tree,
+        draft_threshold=cfg.draft_threshold if tree is None else 0.0)
     methods: dict[str, Callable[[list[list[int]], torch.Generator], Generation]] = {
         "autoregressive": lambda b, g: autoregressive_generate(model.main, b, cfg.max_new_tokens, rule, generator=g),
-        "speculative": lambda b, g: speculative_generate(model, b, cfg.max_new_tokens, rule, heads, generator=g,
-                                                       draft_threshold=cfg.draft_threshold),
+        "speculative": generate_spec(None),
     }
+    trees, calibration = _trees(model, heads, cfg, calibration_prompts, progress)
+    for name, tree in trees.items():
+        methods[name] = generate_spec(tree)
     if cfg.no_cache_baseline:
         methods["autoregressive_no_cache"] = lambda b, g: autoregressive_generate(
             model.main, b, cfg.max_new_tokens, rule, use_cache=False, generator=g)
@@ -101,28 +126,53 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
     for name, generate in methods.items():  # warm-up: first-call allocations, lazy init
         generate(batches[0], torch.Generator().manual_seed(cfg.seed))
     started = time.perf_counter()
-    seconds = dict.fromkeys(methods, 0.0)
+    seconds, cpu_seconds = dict.fromkeys(methods, 0.0), dict.fromkeys(methods, 0.0)
     tokens = dict.fromkeys(methods, 0)
     outputs: dict[str, list[list[int]]] = {name: [] for name in methods}
-    accepted, drafted = [], []
+    steps: dict[str, Generation] = {name: Generation([]) for name in methods}  # round 0's per-step records
     for round_index in range(cfg.rounds):
         for name, generate in methods.items():
             generator = torch.Generator().manual_seed(cfg.seed + round_index)
             for batch in batches:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 result = generate(batch, generator)
                 seconds[name] += time.perf_counter() - t0
+                cpu_seconds[name] += time.process_time() - c0
                 tokens[name] += result.num_tokens
                 if round_index == 0:
                     outputs[name] += result.tokens
-                    accepted += result.accepted
-                    drafted += result.drafted
+                    steps[name].accepted += result.accepted
+                    steps[name].drafted += result.drafted
+                    steps[name].verified += result.verified
             if progress:
                 progress(f"round {round_index + 1}/{cfg.rounds}: {name} {tokens[name] / seconds[name]:.1f} tok/s")
 
     rate = {name: tokens[name] / seconds[name] for name in methods}
-    tau = mean_accepted_tokens(accepted)
-    speedup = rate["speculative"] / rate["autoregressive"]
+    cpu_rate = {name: tokens[name] / cpu_seconds[name] if cpu_seconds[name] else None for name in methods}
+    greedy = isinstance(rule, Greedy)
+
+    def speculative_metrics(name: str) -> dict:
+        accepted, drafted, verified = steps[name].accepted, steps[name].drafted, steps[name].verified
+        tau = mean_accepted_tokens(accepted)
+        speedup = rate[name] / rate["autoregressive"]
+        return {
+            "spec_tokens_per_s": rate[name],
+            "speedup": speedup,
+            "speedup_vs_no_cache": (rate[name] / rate["autoregressive_no_cache"]
+                                    if "autoregressive_no_cache" in rate else None),
+            "spec_tokens_per_cpu_s": cpu_rate[name],
+            "cpu_speedup": (cpu_rate[name] / cpu_rate["autoregressive"]
+                            if cpu_rate[name] and cpu_rate["autoregressive"] else None),
+            "mean_accepted_tokens": tau,
+            "efficiency": speedup / tau if tau else None,
+            "mean_draft_length": sum(drafted) / len(drafted) if drafted else 0.0,
+            "tokens_verified_per_step": 1 + sum(verified) / len(verified) if verified else 1.0,
+            "acceptance_rate": acceptance_rates(accepted, heads, drafted),
+            "cumulative_acceptance": cumulative_acceptance(accepted, heads),
+            "verification_steps": len(accepted),
+            "identical_to_baseline": outputs[name] == outputs["autoregressive"] if greedy else None,
+        }
+
     report = {
         "model": checkpoint.config.get("model"),
         "checkpoint": str(checkpoint.path),
@@ -141,36 +191,65 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
         "top_p": cfg.top_p,
         "rounds": cfg.rounds,
         "baseline_tokens_per_s": rate["autoregressive"],
-        "spec_tokens_per_s": rate["speculative"],
-        "speedup": speedup,
         "no_cache_tokens_per_s": rate.get("autoregressive_no_cache"),
-        "speedup_vs_no_cache": (rate["speculative"] / rate["autoregressive_no_cache"]
-                                if "autoregressive_no_cache" in rate else None),
-        "mean_accepted_tokens": tau,
-        "efficiency": speedup / tau if tau else None,
+        "baseline_tokens_per_cpu_s": cpu_rate["autoregressive"],
         "draft_threshold": cfg.draft_threshold,
-        "mean_draft_length": sum(drafted) / len(drafted) if drafted else 0.0,
-        "acceptance_rate": acceptance_rates(accepted, heads, drafted),
-        "cumulative_acceptance": cumulative_acceptance(accepted, heads),
-        "verification_steps": len(accepted),
-        "identical_to_baseline": outputs["speculative"] == outputs["autoregressive"] if isinstance(rule, Greedy) else None,
-        "torch_version": torch.__version__,
-        "seconds": time.perf_counter() - started,
+        **speculative_metrics("speculative"),
     }
+    for name, tree in trees.items():
+        report[name] = {**speculative_metrics(name), "drafter": tree.describe(),
+                        "calibration": calibration.report() if calibration and name == "tree" else None}
+    if "tree" in trees:
+        report["tree_vs_chain"] = {
+            "mean_accepted_tokens": report["tree"]["mean_accepted_tokens"] / report["mean_accepted_tokens"],
+            "speedup": report["tree"]["speedup"] / report["speedup"]}
+    report |= {"torch_version": torch.__version__, "seconds": time.perf_counter() - started}
     return report
+
+
+def _trees(model, heads: int, cfg: BenchConfig, calibration_prompts: list[list[int]] | None,
+           progress: Callable[[str], None] | None):
+    """The draft trees to benchmark ({} without cfg.tree) and the calibration that chose the static one."""
+    if not cfg.tree:
+        return {}, None
+    calibration = None
+    StaticTree(TreeShape.chain(1)).check(model, heads)  # a backbone without tree attention: refuse before work
+    if cfg.tree_shape is not None:
+        shape = TreeShape.parse(cfg.tree_shape)
+    else:
+        if not calibration_prompts:
+            raise MtpdError("--tree without --tree-shape calibrates on validation prompts, and none are available: "
+                            "pass --tree-shape (e.g. '0 1 0.0 0.0.0') or a checkpoint whose corpus is available")
+        calibration = calibrate_tree(model, calibration_prompts, heads, cfg.tree_nodes, cfg.max_new_tokens,
+                                     progress=progress)
+        shape = calibration.shape
+    trees = {"tree": StaticTree(shape)}
+    trees["tree"].check(model, heads)
+    if cfg.tree_dynamic:
+        trees["tree_dynamic"] = DynamicTree(heads, nodes=shape.num_nodes)
+    return trees, calibration
 
 
 def bench_table(report: dict) -> str:
     heads = report["heads"]
-    per_head = format_table(["head", "acceptance rate", "cumulative"],
-                            [(k + 1, report["acceptance_rate"][k], report["cumulative_acceptance"][k])
-                             for k in range(heads)])
-    rows = [("autoregressive (KV cache)", report["baseline_tokens_per_s"], 1.0)]
+    trees = [name for name in ("tree", "tree_dynamic") if name in report]
+    columns = ["head", "acceptance rate", "cumulative"]
+    per_head_rows = [[k + 1, report["acceptance_rate"][k], report["cumulative_acceptance"][k]] for k in range(heads)]
+    for name in trees:
+        columns += [f"{name}: rate", f"{name}: cumulative"]
+        for k in range(heads):
+            per_head_rows[k] += [report[name]["acceptance_rate"][k], report[name]["cumulative_acceptance"][k]]
+    per_head = format_table(columns, [tuple(r) for r in per_head_rows])
+    rows = [("autoregressive (KV cache)", report["baseline_tokens_per_s"], 1.0, 1.0, 1.0)]
     if report["no_cache_tokens_per_s"] is not None:
         rows.append(("autoregressive (no cache)", report["no_cache_tokens_per_s"],
-                     report["no_cache_tokens_per_s"] / report["baseline_tokens_per_s"]))
-    rows.append((f"speculative, {heads} heads", report["spec_tokens_per_s"], report["speedup"]))
-    speed = format_table(["method", "tokens/s", "vs KV-cached AR"], rows)
+                     report["no_cache_tokens_per_s"] / report["baseline_tokens_per_s"], "-", 1.0))
+    methods = [(f"speculative, {heads} heads, chain", report)]
+    methods += [(f"speculative, {report[n]['drafter']['kind']} tree of {report[n]['drafter']['nodes']} nodes",
+                 report[n]) for n in trees]
+    for label, m in methods:
+        rows.append((label, m["spec_tokens_per_s"], m["speedup"], m["cpu_speedup"] or "-", m["mean_accepted_tokens"]))
+    speed = format_table(["method", "tokens/s", "vs KV-cached AR", "same, CPU time", "tokens per pass"], rows)
     identical = report["identical_to_baseline"]
     lines = [per_head, "", speed, "",
              f"mean accepted tokens per verification (tau): {report['mean_accepted_tokens']:.3f}   "
@@ -178,6 +257,16 @@ def bench_table(report: dict) -> str:
              f"mean draft length: {report['mean_draft_length']:.2f}"]
     if report["speedup_vs_no_cache"] is not None:
         lines.append(f"speedup vs no-cache AR (the paper's setting): {report['speedup_vs_no_cache']:.2f}x")
+    for name in trees:
+        tree = report[name]
+        shape = f", shape {tree['drafter']['shape']}" if "shape" in tree["drafter"] else ""
+        lines.append(f"{name}: tau {tree['mean_accepted_tokens']:.3f}, {tree['tokens_verified_per_step']:.1f} tokens "
+                     f"verified per pass{shape}")
+    if "tree_vs_chain" in report:
+        ratio = report["tree_vs_chain"]
+        lines.append(f"tree vs chain: {ratio['mean_accepted_tokens']:.2f}x mean accepted tokens, "
+                     f"{ratio['speedup']:.2f}x speedup")
     if identical is not None:
-        lines.append(f"greedy output identical to autoregressive: {'yes' if identical else 'NO'}")
+        same = all(m["identical_to_baseline"] for _, m in methods)
+        lines.append(f"greedy output identical to autoregressive: {'yes' if same else 'NO'}")
     return "\n".join(lines)

@@ -186,10 +186,15 @@ def cmd_bench(args) -> int:
     cfg = BenchConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, num_heads=args.heads,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rounds=args.rounds,
                       no_cache_baseline=not args.skip_no_cache, seed=args.seed,
-                      draft_threshold=args.draft_threshold).validate()
+                      draft_threshold=args.draft_threshold, tree=args.tree or args.tree_dynamic or args.tree_shape is not None,
+                      tree_shape=args.tree_shape, tree_nodes=args.tree_nodes,
+                      tree_dynamic=args.tree_dynamic).validate()
     checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device))
     prompts = benchmark_prompts(checkpoint, args.prompts, args.num_prompts, args.prompt_tokens)
-    report = run_benchmark(checkpoint, prompts, cfg, progress=lambda line: print(line, file=sys.stderr))
+    calibration = (benchmark_prompts(checkpoint, None, cfg.calibration_prompts, args.prompt_tokens, offset=0.5)
+                   if cfg.tree and cfg.tree_shape is None else None)
+    report = run_benchmark(checkpoint, prompts, cfg, progress=lambda line: print(line, file=sys.stderr),
+                           calibration_prompts=calibration)
     print(bench_table(report))
     if args.json:
         _write_json(args.json, report)
@@ -328,6 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, help="draft with the first K heads only (default: all)")
     _add_draft_flags(p)
     _add_sampling_flags(p)
+    t = p.add_argument_group("tree drafting: decode with a tree of candidates as well, side by side with the "
+                             "chain. Greedy and sampling are both lossless; tree attention needs the built-in "
+                             "decoder (a Hugging Face backbone drafts chains only)")
+    t.add_argument("--tree", action="store_true",
+                   help="also draft a static tree: the one with the most expected tokens per second, from acceptance "
+                        "statistics on validation prompts held out from the benchmark's and timed steps")
+    t.add_argument("--tree-shape", help="use this static tree instead (implies --tree): rank paths, e.g. "
+                                        "'0 1 0.0 0.1 0.0.0' (node 0.1 = head 2's second choice after head 1's first)")
+    t.add_argument("--tree-nodes", type=int, default=16,
+                   help="the largest tree calibration tries, root included (default: 16)")
+    t.add_argument("--tree-dynamic", action="store_true",
+                   help="also draft a dynamic tree (EAGLE-2: expand the most probable nodes per depth) verifying as "
+                        "many nodes as the static tree; implies --tree")
     p.add_argument("--rounds", type=int, default=2, help="timed repetitions of every method (default: 2)")
     p.add_argument("--skip-no-cache", action="store_true", help="leave out the slow no-cache baseline")
     p.add_argument("--json", help="write the report (DESIGN §6 fields) to this JSON file")

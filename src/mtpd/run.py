@@ -208,15 +208,16 @@ def evaluate_checkpoint(ckpt: str | Path, data_path: str | None = None, seq_len:
 
 
 def benchmark_prompts(checkpoint: Checkpoint, prompts_file: str | None = None, num_prompts: int = 8,
-                      prompt_tokens: int = 64) -> list[list[int]]:
-    """Prompts from a file (one per line), or evenly spaced slices of the checkpoint's validation split."""
+                      prompt_tokens: int = 64, offset: float = 0.0) -> list[list[int]]:
+    """Prompts from a file (one per line), or evenly spaced slices of the checkpoint's validation split
+    (`offset` 0.5: the slices midway between those, held out for calibration)."""
     from mtpd.bench import file_prompts, validation_prompts
 
     if prompts_file is not None:
         return file_prompts(prompts_file, checkpoint.tokenizer)
     data = tokenized_corpus(checkpoint.config.get("data", {}).get("path"), tokenizer=checkpoint.tokenizer,
                             splits=("val",))
-    return validation_prompts(data.val, num_prompts, prompt_tokens)
+    return validation_prompts(data.val, num_prompts, prompt_tokens, offset)
 
 
 def generate_text(checkpoint: Checkpoint, prompt: str, max_new_tokens: int = 200, heads: int | None = None,
