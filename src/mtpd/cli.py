@@ -21,6 +21,7 @@ EPILOG_TRAIN = """examples:
   mtpd train --preset small --data my_corpus/ --max-tokens 3000000 --out runs/small
   mtpd train --out runs/tiny --resume                                       # continue an interrupted run
   mtpd train --out runs/tiny --resume --max-steps 4000                      # continue it to a larger budget
+  mtpd train --hf ~/models/my-llama --heads 4 --data my_corpus/ --time-budget 600   # heads on your own model
 """
 
 
@@ -40,6 +41,8 @@ EPILOG_EXPERIMENT = """examples:
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model (preset values unless overridden)")
+    m.add_argument("--hf", metavar="PATH", help="train heads only, on this local Hugging Face causal LM (frozen, "
+                                                "the teacher; its tokenizer is used); the shape flags do not apply")
     m.add_argument("--preset", default="tiny", help=f"named model shape: {', '.join(PRESETS)} (default: tiny)")
     m.add_argument("--heads", type=int, default=4, help="number K of cascaded MTP heads (default: 4)")
     m.add_argument("--vocab-size", type=int, help="vocabulary of the BPE tokenizer trained on the corpus (a small "
@@ -49,7 +52,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--attn-heads", type=int, help="attention heads")
     m.add_argument("--kv-heads", type=int, help="key/value heads (< --attn-heads: grouped-query attention)")
     m.add_argument("--ffn-dim", type=int, help="SwiGLU hidden size")
-    m.add_argument("--max-seq-len", type=int, help="context length")
+    m.add_argument("--max-seq-len", type=int, help="context length (with --hf: a cap on the model's, default 4096)")
 
     d = p.add_argument_group("data")
     d.add_argument("--data", help="text file, directory (recursive) or .jsonl with a 'text' field "
@@ -115,29 +118,45 @@ def _train_config(args):
 
 def cmd_train(args) -> int:
     from mtpd.report import eval_table
-    from mtpd.run import pretrain
+    from mtpd.run import pretrain, train_heads
 
     if args.heads < 1:
         raise MtpdError(f"--heads must be >= 1 (got {args.heads})")
-    model_cfg = preset(args.preset, mtp_heads=args.heads, vocab_size=args.vocab_size, d_model=args.d_model,
-                       n_layers=args.n_layers, n_heads=args.attn_heads, n_kv_heads=args.kv_heads,
-                       ffn_dim=args.ffn_dim, max_seq_len=args.max_seq_len)
+    if args.hf:
+        _check_no_shape_flags(args)
+    else:
+        model_cfg = preset(args.preset, mtp_heads=args.heads, vocab_size=args.vocab_size, d_model=args.d_model,
+                           n_layers=args.n_layers, n_heads=args.attn_heads, n_kv_heads=args.kv_heads,
+                           ffn_dim=args.ffn_dim, max_seq_len=args.max_seq_len)
     train_cfg, loss_cfg = _train_config(args), _loss_config(args)  # every flag is checked before any work
-    out = args.out or f"runs/{args.preset}-k{args.heads}"
     if not args.resume and not any(v is not None for v in train_cfg.budget.values()):
         raise MtpdError("no training budget: pass --max-steps N, --max-tokens N or --time-budget SECONDS")
-    metrics, path = pretrain(model_cfg, train_cfg, loss_cfg, out, args.data, args.tokenizer,
-                             resume=args.resume, device=args.device, show_progress=not args.quiet)
+    if args.hf:
+        out = args.out or f"runs/hf-{Path(args.hf).resolve().name}-k{args.heads}"
+        metrics, path = train_heads(args.hf, args.heads, train_cfg, loss_cfg, out, args.data, resume=args.resume,
+                                    device=args.device, max_seq_len=args.max_seq_len, show_progress=not args.quiet)
+    else:
+        out = args.out or f"runs/{args.preset}-k{args.heads}"
+        metrics, path = pretrain(model_cfg, train_cfg, loss_cfg, out, args.data, args.tokenizer,
+                                 resume=args.resume, device=args.device, show_progress=not args.quiet)
     print(eval_table(metrics))
     print(f"checkpoint: {path}")
     return 0
+
+
+def _check_no_shape_flags(args) -> None:
+    given = [f"--{name.replace('_', '-')}" for name in ("vocab_size", "d_model", "n_layers", "attn_heads", "kv_heads",
+                                                        "ffn_dim", "tokenizer") if getattr(args, name) is not None]
+    if given:
+        raise MtpdError(f"{', '.join(given)} cannot be combined with --hf: the model and its tokenizer come from the "
+                        f"--hf directory")
 
 
 def cmd_eval(args) -> int:
     from mtpd.report import eval_table
     from mtpd.run import evaluate_checkpoint
 
-    metrics, _ = evaluate_checkpoint(args.ckpt, args.data, args.seq_len, args.windows, args.device)
+    metrics, _ = evaluate_checkpoint(args.ckpt, args.data, args.seq_len, args.windows, args.device, args.hf)
     print(f"{metrics['checkpoint']}  on {metrics['data']} validation ({metrics['val_tokens']:,} tokens)")
     print(eval_table(metrics))
     if args.json:
@@ -168,7 +187,7 @@ def cmd_generate(args) -> int:
     from mtpd.checkpoint import load_checkpoint
     from mtpd.run import generate_text, resolve_device
 
-    checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device))
+    checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device), args.hf)
     emit = lambda text: print(text, end="", flush=True)  # noqa: E731
     stats = generate_text(checkpoint, args.prompt, args.max_new_tokens, args.heads, not args.no_spec,
                           args.temperature, args.top_k, args.top_p, args.seed, args.draft_threshold, emit)
@@ -187,7 +206,7 @@ def cmd_bench(args) -> int:
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rounds=args.rounds,
                       no_cache_baseline=not args.skip_no_cache, seed=args.seed,
                       draft_threshold=args.draft_threshold).validate()
-    checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device))
+    checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device), args.hf)
     prompts = benchmark_prompts(checkpoint, args.prompts, args.num_prompts, args.prompt_tokens)
     report = run_benchmark(checkpoint, prompts, cfg, progress=lambda line: print(line, file=sys.stderr))
     print(bench_table(report))
@@ -267,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "acceptance (how often head k's top-1 equals the main head's top-1 for the "
                                    "same target).")
     p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    p.add_argument("--hf", metavar="PATH", help="heads trained on a Hugging Face model: where that model is now, "
+                                                "if it moved (default: the path recorded at training)")
     p.add_argument("--data", help="corpus whose validation split to evaluate on (default: the checkpoint's "
                                   "training corpus)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
@@ -303,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "write (greedy: token for token; sampling: the same distribution), only faster. "
                                    "Statistics go to stderr.")
     p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    p.add_argument("--hf", metavar="PATH", help="heads trained on a Hugging Face model: where that model is now, "
+                                                "if it moved (default: the path recorded at training)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
     p.add_argument("--heads", type=int, help="draft with the first K heads only (default: all)")
@@ -319,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "speedups, per-head acceptance and cumulative acceptance, mean accepted tokens, "
                                    "and whether greedy output was identical.")
     p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    p.add_argument("--hf", metavar="PATH", help="heads trained on a Hugging Face model: where that model is now, "
+                                                "if it moved (default: the path recorded at training)")
     p.add_argument("--prompts", help="text file, one prompt per line (default: slices of the checkpoint's "
                                      "validation split)")
     p.add_argument("--num-prompts", type=int, default=8, help="validation prompts (default: 8)")

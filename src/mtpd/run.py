@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 import time
 from collections.abc import Callable
 
-from mtpd.checkpoint import TOKENIZER_FILE, Checkpoint, list_checkpoints, load_checkpoint, read_config
+from mtpd.checkpoint import TOKENIZER_FILE, Checkpoint, build_model, list_checkpoints, load_checkpoint, read_config
 from mtpd.config import LossConfig, ModelConfig
 from mtpd.data import (Corpus, encode_documents, eos_id, load_corpus, load_or_train_tokenizer, token_cache_path,
                        validation_windows)
@@ -82,6 +82,34 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, loss_cfg: LossConfi
     return _fit(model, data, data_path, train_cfg, loss_cfg, out_dir, history, dev, show_progress, log)
 
 
+def train_heads(hf_path: str | Path | None, num_heads: int, train_cfg: TrainConfig, loss_cfg: LossConfig,
+                out_dir: str | Path, data_path: str | None = None, resume: bool = False, device: str = "auto",
+                max_seq_len: int | None = None, show_progress: bool = True, log=print) -> tuple[dict, Path]:
+    """Head-only MTP-D on a frozen Hugging Face causal LM (DESIGN §3.2): the model is the teacher, its own
+    tokenizer encodes the corpus, and checkpoints hold only the heads plus a reference to the model.
+    With resume and a run in out_dir, that run continues (`hf_path`, if given, is where its model is now)."""
+    from mtpd.model.hf import head_config, load_hf_backbone
+
+    out_dir = Path(out_dir)
+    if _continues_a_run(out_dir, resume):
+        return resume_run(out_dir, train_cfg.budget, device, show_progress, log, backbone_path=hf_path)
+    if hf_path is None:
+        raise MtpdError("no model to train heads on: pass --hf PATH (a local Hugging Face model directory)")
+    dev = resolve_device(device)
+    backbone = load_hf_backbone(hf_path, dev, max_seq_len=max_seq_len)
+    model_cfg = head_config(backbone, num_heads)
+    _check_writable(out_dir)
+    data = tokenized_corpus(data_path, tokenizer_path=str(hf_path))
+    if data.tokenizer.get_vocab_size() > model_cfg.vocab_size:
+        raise MtpdError(f"the tokenizer of {hf_path} has {data.tokenizer.get_vocab_size()} tokens but the model "
+                        f"only {model_cfg.vocab_size} outputs: the directory mixes files of different models")
+    torch.manual_seed(train_cfg.seed)
+    model = MTPModel(model_cfg, backbone)
+    history = [{"event": "heads", "heads": num_heads}]
+    return _fit(model, data, data_path, dataclasses.replace(train_cfg, freeze_main=True), loss_cfg, out_dir, history,
+                dev, show_progress, log)
+
+
 def extend(ckpt: str | Path, num_heads: int, out_dir: str | Path, budget: dict | None = None,
            fraction: float = 0.2, data_path: str | None = None, resume: bool = False, device: str = "auto",
            show_progress: bool = True, log=print) -> tuple[dict, Path]:
@@ -121,17 +149,19 @@ def extend(ckpt: str | Path, num_heads: int, out_dir: str | Path, budget: dict |
 
 
 def resume_run(out_dir: Path, budget: dict, device: str = "auto", show_progress: bool = True,
-               log=print) -> tuple[dict, Path]:
+               log=print, backbone_path: str | Path | None = None) -> tuple[dict, Path]:
     """Continue the run in out_dir from its latest checkpoint with the run's saved configuration (model, data,
-    objective, frozen parts); a budget given now replaces the saved one (see resumed_train_config)."""
+    objective, frozen parts); a budget given now replaces the saved one (see resumed_train_config). Heads on a
+    Hugging Face model find it at its recorded path, or at `backbone_path`."""
     path = list_checkpoints(out_dir)[-1][1]
     saved = read_config(path)
     train_cfg = resumed_train_config(saved["train"], budget)
     data_path = saved["data"]["path"]
     data = tokenized_corpus(data_path, tokenizer_path=str(path / TOKENIZER_FILE))
-    model = MTPModel(ModelConfig.from_dict(saved["model"]))
+    dev = resolve_device(device)
+    model = build_model(saved, path, dev, backbone_path)
     return _fit(model, data, data_path, train_cfg, LossConfig(**saved["loss"]), out_dir, saved.get("history", []),
-                resolve_device(device), show_progress, log, resume=True)
+                dev, show_progress, log, resume=True)
 
 
 def _continues_a_run(out_dir: Path, resume: bool) -> bool:
@@ -157,7 +187,8 @@ def _fit(model: MTPModel, data: TokenizedCorpus, data_path: str | None, train_cf
         log(f"resuming {out_dir} at step {trainer.step} ({trainer.tokens_seen:,} tokens seen) with its saved "
             f"configuration; budget: {budget}")
     trainable = sum(p.numel() for p in trainer.params)
-    log(f"model: {sum(p.numel() for p in model.main.parameters()) / 1e6:.2f}M main + "
+    frozen = " (frozen)" if train_cfg.freeze_main else ""
+    log(f"model: {sum(p.numel() for p in model.main.parameters()) / 1e6:.2f}M main{frozen} + "
         f"{sum(p.numel() for p in model.heads.parameters()) / 1e6:.2f}M in {model.num_heads} heads "
         f"({trainable / 1e6:.2f}M trained); data: {data.corpus.name}, {data.train.numel():,} train / "
         f"{data.val.numel():,} val tokens; device {device}")
@@ -189,13 +220,14 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def evaluate_checkpoint(ckpt: str | Path, data_path: str | None = None, seq_len: int | None = None,
-                        windows: int = 64, device: str = "auto") -> tuple[dict, Checkpoint]:
-    """Validation metrics of a checkpoint on its own corpus's validation split (or on --data)."""
+                        windows: int = 64, device: str = "auto", hf: str | None = None) -> tuple[dict, Checkpoint]:
+    """Validation metrics of a checkpoint on its own corpus's validation split (or on --data). `hf`: where
+    the backbone of a head-only checkpoint is now, if it moved."""
     if windows < 1:
         raise MtpdError(f"--windows must be >= 1 (got {windows})")
     if seq_len is not None and seq_len < 2:
         raise MtpdError(f"--seq-len must be >= 2 (got {seq_len})")
-    checkpoint = load_checkpoint(ckpt, resolve_device(device))
+    checkpoint = load_checkpoint(ckpt, resolve_device(device), hf)
     if data_path is None:
         data_path = checkpoint.config.get("data", {}).get("path")
     data = tokenized_corpus(data_path, tokenizer=checkpoint.tokenizer, splits=("val",))

@@ -20,12 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from mtpd.checkpoint import (STATE_FILE, WEIGHTS_FILE, check_weights_match, checkpoint_dir, list_checkpoints,
-                             prune_checkpoints, save_checkpoint)
+from mtpd.checkpoint import STATE_FILE, checkpoint_dir, list_checkpoints, load_weights, prune_checkpoints, save_checkpoint
 from mtpd.config import LossConfig
 from mtpd.data import TokenBatches, validation_windows
 from mtpd.errors import MtpdError
@@ -278,8 +276,7 @@ class Trainer:
         if not (path / STATE_FILE).is_file():
             raise MtpdError(f"checkpoint {path} has no {STATE_FILE}, so its training cannot be resumed: "
                             f"start a new run with another --out")
-        check_weights_match(self.model, path / WEIGHTS_FILE)
-        load_model(self.model, str(path / WEIGHTS_FILE), device=str(self.device))
+        load_weights(self.model, path, self.device)
         self.load_state_dict(torch.load(path / STATE_FILE, map_location=self.device, weights_only=False))
         self.last_save_step = self.step
         return True

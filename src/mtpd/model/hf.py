@@ -72,12 +72,14 @@ class HFCache:
 
 class HFBackbone(nn.Module):
     """A `transformers` causal LM behind mtpd's `Backbone` interface. The wrapped model is a frozen teacher:
-    it stays in eval mode (no dropout) whatever mode the heads train in."""
+    it stays in eval mode (no dropout) whatever mode the heads train in. `source` is the directory it was
+    loaded from, which checkpoints of heads trained on it reference."""
 
-    def __init__(self, model: nn.Module, max_seq_len: int):
+    def __init__(self, model: nn.Module, max_seq_len: int, source: Path):
         super().__init__()
         self.model = model
         self.max_seq_len = max_seq_len
+        self.source = Path(source)
         self.body = model.base_model  # the transformer without the LM head: returns last_hidden_state
         # The cache keyword is `cache` in recent transformers 5.x, `past_key_values` before.
         self.cache_keyword = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
@@ -142,7 +144,7 @@ def load_hf_backbone(path: str | Path, device: str | torch.device = "cpu", dtype
                         f"with config.json and weights") from None
     model.requires_grad_(False)
     context = _context_length(config.get_text_config(decoder=True))
-    backbone = HFBackbone(model, min(context, max_seq_len or DEFAULT_MAX_SEQ_LEN)).to(device)
+    backbone = HFBackbone(model, min(context, max_seq_len or DEFAULT_MAX_SEQ_LEN), path).to(device)
     _check_logits_match(backbone, path)
     return backbone
 
