@@ -255,3 +255,86 @@ def test_head_training_resumes(trained_heads, llama_dir, tmp_path, monkeypatch):
                                 show_progress=False, log=lambda _: None)
     assert load_checkpoint(path).config["state"]["step"] == TRAIN.max_steps + 2
     assert len(metrics["offline_acceptance"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def test_export_hf_writes_a_llama_with_the_same_logits_and_tokenizer(tmp_path, corpus_dir):
+    import transformers
+
+    from mtpd.checkpoint import checkpoint_dir, save_checkpoint
+    from mtpd.data import load_corpus, train_tokenizer
+    from mtpd.export import export_hf
+    from conftest import micro_model
+
+    tokenizer = train_tokenizer(load_corpus(str(corpus_dir)).train, 300)
+    model = micro_model(2, vocab_size=tokenizer.get_vocab_size(), n_kv_heads=2)
+    run = tmp_path / "run"
+    save_checkpoint(checkpoint_dir(run, 1), model, tokenizer, {"data": {"path": str(corpus_dir)}})
+    out = export_hf(run, tmp_path / "llama")
+
+    llama = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert type(llama).__name__ == "LlamaForCausalLM"
+    tokens = torch.randint(0, tokenizer.get_vocab_size(), (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(llama(tokens).logits, model.main.logits(model.main(tokens)), rtol=1e-4, atol=1e-5)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    text = "def fib(n):\n    return n"
+    assert hf_tokenizer(text).input_ids == tokenizer.encode(text, add_special_tokens=False).ids
+    assert hf_tokenizer.eos_token == "<|endoftext|>"
+
+    # and mtpd drives it like any Hugging Face model: greedy decoding equals the built-in model's
+    backbone = load_hf_backbone(out, dtype=torch.float64)
+    prompts = random_prompts([3, 8], seed=4)
+    assert (autoregressive_generate(backbone, prompts, 20).tokens
+            == autoregressive_generate(model.main.to(torch.float64), prompts, 20).tokens)
+
+
+def test_export_refuses_a_non_empty_directory(tmp_path, capsys):
+    from mtpd.cli import main
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("")
+    assert main(["export-hf", "--ckpt", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_generate_bench_with_hf(llama_dir, tmp_path, capsys, corpus_dir):
+    from mtpd.cli import main
+
+    run = tmp_path / "run"
+    train = ["train", "--hf", llama_dir, "--heads", "2", "--data", corpus_dir, "--max-steps", "2",
+             "--batch-size", "2", "--seq-len", "32", "--eval-windows", "2", "--out", run, "--quiet"]
+    assert main([str(a) for a in train]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(run), "--prompt", "def fib", "--max-new-tokens", "8"]) == 0
+    assert main(["generate", "--ckpt", str(run), "--prompt", "def fib", "--max-new-tokens", "8",
+                 "--temperature", "0.8", "--top-p", "0.9"]) == 0
+    report_path = tmp_path / "bench.json"
+    assert main(["bench", "--ckpt", str(run), "--num-prompts", "2", "--prompt-tokens", "8", "--max-new-tokens", "8",
+                 "--batch-size", "2", "--rounds", "1", "--skip-no-cache", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["identical_to_baseline"] is True
+    assert set(report["peers"]) == {"hf_generate", "hf_prompt_lookup"}
+    assert all(peer["identical_to_spec"] and peer["tokens_per_s"] > 0 for peer in report["peers"].values())
+    assert "transformers prompt lookup" in capsys.readouterr().out
+
+
+def test_cli_rejects_shape_flags_with_hf(llama_dir, tmp_path, capsys):
+    from mtpd.cli import main
+
+    assert main(["train", "--hf", str(llama_dir), "--d-model", "64", "--max-steps", "1", "--out", str(tmp_path)]) == 2
+    assert "--d-model cannot be combined with --hf" in capsys.readouterr().err
+
+
+def test_cli_missing_backbone_is_one_line(trained_heads, tmp_path, capsys):
+    from mtpd.cli import main
+
+    run, _ = trained_heads
+    assert main(["generate", "--ckpt", str(run), "--prompt", "x", "--hf", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not at" in err[0] and "--hf" in err[0]

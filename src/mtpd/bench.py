@@ -21,6 +21,8 @@ from mtpd.decode import Greedy, autoregressive_generate, make_rule, speculative_
 from mtpd.decode.generation import Generation
 from mtpd.errors import MtpdError
 from mtpd.metrics import acceptance_rates, cumulative_acceptance, mean_accepted_tokens
+from mtpd.model.hf import HFBackbone
+from mtpd.peers import PROMPT_LOOKUP_TOKENS, hf_peer_methods
 from mtpd.report import format_table
 
 
@@ -97,6 +99,8 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
     if cfg.no_cache_baseline:
         methods["autoregressive_no_cache"] = lambda b, g: autoregressive_generate(
             model.main, b, cfg.max_new_tokens, rule, use_cache=False, generator=g)
+    if isinstance(model.main, HFBackbone):  # what users of a Hugging Face model would run instead
+        methods |= hf_peer_methods(model.main.model, cfg.max_new_tokens, rule)
 
     for name, generate in methods.items():  # warm-up: first-call allocations, lazy init
         generate(batches[0], torch.Generator().manual_seed(cfg.seed))
@@ -154,10 +158,24 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
         "cumulative_acceptance": cumulative_acceptance(accepted, heads),
         "verification_steps": len(accepted),
         "identical_to_baseline": outputs["speculative"] == outputs["autoregressive"] if isinstance(rule, Greedy) else None,
+        "peers": _peer_report(rate, outputs, rule, cfg.batch_size),
         "torch_version": torch.__version__,
         "seconds": time.perf_counter() - started,
     }
     return report
+
+
+def _peer_report(rate: dict, outputs: dict, rule, batch_size: int) -> dict:
+    """Hugging Face's own decoders beside ours (only for heads on a Hugging Face model)."""
+    peers = {}
+    for name, batch in (("hf_generate", batch_size), ("hf_prompt_lookup", 1)):
+        if name in rate:
+            peers[name] = {"tokens_per_s": rate[name], "batch_size": batch,
+                           "spec_speedup_over_it": rate["speculative"] / rate[name],
+                           "identical_to_spec": outputs[name] == outputs["speculative"] if isinstance(rule, Greedy) else None}
+    if "hf_prompt_lookup" in peers:
+        peers["hf_prompt_lookup"]["prompt_lookup_num_tokens"] = PROMPT_LOOKUP_TOKENS
+    return peers
 
 
 def bench_table(report: dict) -> str:
@@ -169,6 +187,9 @@ def bench_table(report: dict) -> str:
     if report["no_cache_tokens_per_s"] is not None:
         rows.append(("autoregressive (no cache)", report["no_cache_tokens_per_s"],
                      report["no_cache_tokens_per_s"] / report["baseline_tokens_per_s"]))
+    labels = {"hf_generate": "transformers generate", "hf_prompt_lookup": "transformers prompt lookup (batch 1)"}
+    for name, peer in report.get("peers", {}).items():
+        rows.append((labels[name], peer["tokens_per_s"], peer["tokens_per_s"] / report["baseline_tokens_per_s"]))
     rows.append((f"speculative, {heads} heads", report["spec_tokens_per_s"], report["speedup"]))
     speed = format_table(["method", "tokens/s", "vs KV-cached AR"], rows)
     identical = report["identical_to_baseline"]
@@ -180,4 +201,7 @@ def bench_table(report: dict) -> str:
         lines.append(f"speedup vs no-cache AR (the paper's setting): {report['speedup_vs_no_cache']:.2f}x")
     if identical is not None:
         lines.append(f"greedy output identical to autoregressive: {'yes' if identical else 'NO'}")
+    for name, peer in report.get("peers", {}).items():
+        same = "" if peer["identical_to_spec"] is None else f"; greedy output identical: {'yes' if peer['identical_to_spec'] else 'NO'}"
+        lines.append(f"speculative vs {name}: {peer['spec_speedup_over_it']:.2f}x{same}")
     return "\n".join(lines)

@@ -234,6 +234,13 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_export_hf(args) -> int:
+    from mtpd.export import export_hf
+
+    print(f"wrote {export_hf(args.ckpt, args.out)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from mtpd.demo import run_demo
 
@@ -382,6 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("export-hf", help="write a checkpoint's main model as a Hugging Face Llama directory",
+                       description="Export the main model of a built-in checkpoint as a LlamaForCausalLM directory "
+                                   "(config.json, model.safetensors, tokenizer files) that transformers loads with "
+                                   "AutoModelForCausalLM / AutoTokenizer, and that `mtpd train --hf` can train heads "
+                                   "on. The MTP heads are not exported.")
+    p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    p.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("demo", help="train a tiny MTP-D model on the standard library, evaluate and benchmark it",
                        description="The whole method on the built-in default: trains the `tiny` preset with 4 MTP-D "
