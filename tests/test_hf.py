@@ -338,3 +338,24 @@ def test_cli_missing_backbone_is_one_line(trained_heads, tmp_path, capsys):
     assert main(["generate", "--ckpt", str(run), "--prompt", "x", "--hf", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not at" in err[0] and "--hf" in err[0]
+
+
+def test_heads_on_a_hf_model_are_saved_alone_whatever_the_training_mode(trained_heads, tmp_path):
+    """Looped extension builds a model with more heads on the same backbone and saves it with its own meta;
+    the checkpoint still holds only the heads, references the backbone, and loads."""
+    import dataclasses
+
+    from mtpd.checkpoint import checkpoint_dir, save_checkpoint
+
+    run, _ = trained_heads
+    source = load_checkpoint(run)
+    extended = MTPModel(dataclasses.replace(source.model.cfg, mtp_heads=4), source.model.main)
+    for k in range(4):
+        extended.heads[k].load_state_dict(source.model.heads[k % 2].state_dict())
+    path = save_checkpoint(checkpoint_dir(tmp_path / "extended", 1), extended, source.tokenizer,
+                           {"history": [{"event": "extend", "heads": 4}]})
+    assert not (path / WEIGHTS_FILE).exists()
+    assert json.loads((path / "config.json").read_text())["backbone"] == source.config["backbone"]
+    reloaded = load_checkpoint(path)
+    assert reloaded.model.num_heads == 4
+    assert torch.equal(reloaded.model.heads[3].proj.weight, source.model.heads[1].proj.weight)

@@ -63,7 +63,8 @@ class HFCache:
         slots = self.slot_positions
         slots = slots.masked_fill(slots >= positions[:, :1], -1)
         live_anywhere = (slots >= 0).any(0)
-        keep = int((torch.arange(1, slots.shape[1] + 1, device=slots.device) * live_anywhere).max()) if slots.numel() else 0
+        slot_numbers = torch.arange(1, slots.shape[1] + 1, device=slots.device)
+        keep = int((slot_numbers * live_anywhere).max()) if slots.numel() else 0  # up to the last live slot
         if keep < slots.shape[1]:
             self.kv.crop(keep - slots.shape[1])
         self.slot_positions = torch.cat([slots[:, :keep], positions], dim=1)
