@@ -24,16 +24,6 @@ from mtpd.run import train_heads  # noqa: E402
 from mtpd.train import TrainConfig  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine a second OpenMP thread waiting
-    for a busy core makes every small matmul take milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def hf_dir(request, tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
@@ -340,22 +330,21 @@ def test_cli_missing_backbone_is_one_line(trained_heads, tmp_path, capsys):
     assert len(err) == 1 and "is not at" in err[0] and "--hf" in err[0]
 
 
-def test_heads_on_a_hf_model_are_saved_alone_whatever_the_training_mode(trained_heads, tmp_path):
-    """Looped extension builds a model with more heads on the same backbone and saves it with its own meta;
-    the checkpoint still holds only the heads, references the backbone, and loads."""
-    import dataclasses
-
-    from mtpd.checkpoint import checkpoint_dir, save_checkpoint
+def test_looped_extension_of_heads_on_a_hf_model(trained_heads, tmp_path, monkeypatch):
+    """`mtpd extend` on a head-only checkpoint: the new heads start as copies, the checkpoint again holds only
+    the heads and references the same backbone, and the old heads are bit-identical afterwards."""
+    from mtpd.run import extend
 
     run, _ = trained_heads
+    monkeypatch.setenv("MTPD_CACHE", str(tmp_path / "cache"))
     source = load_checkpoint(run)
-    extended = MTPModel(dataclasses.replace(source.model.cfg, mtp_heads=4), source.model.main)
-    for k in range(4):
-        extended.heads[k].load_state_dict(source.model.heads[k % 2].state_dict())
-    path = save_checkpoint(checkpoint_dir(tmp_path / "extended", 1), extended, source.tokenizer,
-                           {"history": [{"event": "extend", "heads": 4}]})
-    assert not (path / WEIGHTS_FILE).exists()
-    assert json.loads((path / "config.json").read_text())["backbone"] == source.config["backbone"]
-    reloaded = load_checkpoint(path)
-    assert reloaded.model.num_heads == 4
-    assert torch.equal(reloaded.model.heads[3].proj.weight, source.model.heads[1].proj.weight)
+    _, path = extend(run, 4, tmp_path / "extended", budget={"max_steps": 2}, device="cpu", show_progress=False,
+                     log=lambda _: None)
+    assert (path / HEADS_FILE).is_file() and not (path / WEIGHTS_FILE).exists()
+    config = json.loads((path / "config.json").read_text())
+    assert config["backbone"] == source.config["backbone"] and config["model"]["mtp_heads"] == 4
+    extended = load_checkpoint(path)
+    for k in range(2):
+        for (name, a), (_, b) in zip(source.model.heads[k].state_dict().items(),
+                                     extended.model.heads[k].state_dict().items()):
+            assert torch.equal(a, b), (k, name)
