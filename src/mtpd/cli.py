@@ -21,6 +21,7 @@ EPILOG_TRAIN = """examples:
   mtpd train --preset small --data my_corpus/ --max-tokens 3000000 --out runs/small
   mtpd train --out runs/tiny --resume                                       # continue an interrupted run
   mtpd train --out runs/tiny --resume --max-steps 4000                      # continue it to a larger budget
+  torchrun --nproc-per-node 2 -m mtpd train --preset tiny --max-steps 1000  # 2 processes: DDP, batch 2 x 16
 """
 
 
@@ -36,6 +37,10 @@ EPILOG_EXPERIMENT = """examples:
   mtpd experiment --suite looped --scale full --out runs/exp-looped
   mtpd experiment --suite mtp-vs-mtpd --preset tiny --tokens 1000000 --data my_corpus/
 """
+
+
+FSDP_HELP = ("under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2) instead of "
+             "replicating the model on each (DDP, the default)")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -96,6 +101,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept in the run (default: 2)")
     r.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--fsdp", action="store_true", help=FSDP_HELP)
 
 
 def _loss_config(args) -> LossConfig:
@@ -114,7 +120,6 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
-    from mtpd.report import eval_table
     from mtpd.run import pretrain
 
     if args.heads < 1:
@@ -127,10 +132,18 @@ def cmd_train(args) -> int:
     if not args.resume and not any(v is not None for v in train_cfg.budget.values()):
         raise MtpdError("no training budget: pass --max-steps N, --max-tokens N or --time-budget SECONDS")
     metrics, path = pretrain(model_cfg, train_cfg, loss_cfg, out, args.data, args.tokenizer,
-                             resume=args.resume, device=args.device, show_progress=not args.quiet)
-    print(eval_table(metrics))
-    print(f"checkpoint: {path}")
+                             resume=args.resume, device=args.device, show_progress=not args.quiet, fsdp=args.fsdp)
+    _print_training_result(metrics, path)
     return 0
+
+
+def _print_training_result(metrics: dict, path) -> None:
+    from mtpd.distributed import is_main_process
+    from mtpd.report import eval_table
+
+    if is_main_process():  # under torchrun: one report, not one per process
+        print(eval_table(metrics))
+        print(f"checkpoint: {path}")
 
 
 def cmd_eval(args) -> int:
@@ -146,7 +159,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_extend(args) -> int:
-    from mtpd.report import eval_table
     from mtpd.run import extend
 
     if args.to < 2:
@@ -158,9 +170,8 @@ def cmd_extend(args) -> int:
     if args.time_budget is not None and args.time_budget <= 0:
         raise MtpdError(f"--time-budget must be > 0 (got {args.time_budget})")
     metrics, path = extend(args.ckpt, args.to, args.out, budget, args.fraction, args.data, args.resume, args.device,
-                           show_progress=not args.quiet)
-    print(eval_table(metrics))
-    print(f"checkpoint: {path}")
+                           show_progress=not args.quiet, fsdp=args.fsdp)
+    _print_training_result(metrics, path)
     return 0
 
 
@@ -295,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted extension in --out")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--fsdp", action="store_true", help=FSDP_HELP)
     p.set_defaults(func=cmd_extend)
 
     p = sub.add_parser("generate", help="continue a prompt with speculative decoding (streams the text)",
