@@ -31,6 +31,8 @@ STATE_FILE = "trainer_state.pt"
 FORMAT = "mtpd-checkpoint"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+USE_AN_EARLIER_ONE = ("use an earlier checkpoint of the run (--resume takes the latest one: move the corrupt one out "
+                      "of checkpoints/)")
 
 
 @dataclass
@@ -127,16 +129,16 @@ def read_config(path: Path) -> dict:
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise MtpdError(f"cannot read {path / CONFIG_FILE} ({exc}): the checkpoint is corrupt; "
-                        f"use an earlier checkpoint of the run") from None
+        raise MtpdError(f"cannot read {path / CONFIG_FILE} ({exc}): the checkpoint is corrupt; {USE_AN_EARLIER_ONE}"
+                        ) from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise MtpdError(f"{path / CONFIG_FILE} is not an mtpd checkpoint config (no \"format\": \"{FORMAT}\")")
+        raise MtpdError(f"{path / CONFIG_FILE} is not an mtpd checkpoint config (no \"format\": \"{FORMAT}\"): "
+                        f"pass a run directory or checkpoint written by `mtpd train`")
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise MtpdError(f"checkpoint {path} has format version {config['format_version']}, newer than this "
                         f"mtpd understands ({FORMAT_VERSION}): upgrade mtpd")
     if not isinstance(config.get("model"), dict):
-        raise MtpdError(f"{path / CONFIG_FILE} has no \"model\" section: the checkpoint is corrupt; "
-                        f"use an earlier checkpoint of the run")
+        raise MtpdError(f"{path / CONFIG_FILE} has no \"model\" section: the checkpoint is corrupt; {USE_AN_EARLIER_ONE}")
     return config
 
 
@@ -169,7 +171,8 @@ def check_weights_match(model: torch.nn.Module, weights: Path) -> None:
         with safe_open(str(weights), framework="pt") as f:
             stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except Exception as exc:
-        raise MtpdError(f"cannot read {weights} ({exc}): the checkpoint is corrupt") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MtpdError(f"cannot read {weights} ({reason}): the checkpoint is corrupt; {USE_AN_EARLIER_ONE}") from None
     for name, shape in stored.items():
         if name not in expected:
             raise MtpdError(f"{weights} has tensor '{name}' that this model does not: the checkpoint belongs to "
