@@ -14,14 +14,6 @@ from mtpd.data import train_tokenizer
 from test_cli import MICRO, assert_one_line_error, run, snapshot
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pristine_run(tmp_path_factory):
     """A real 2-step training run (with resume state), trained once for the module and copied per test."""
@@ -72,7 +64,8 @@ CORRUPTIONS = {
                                 "shape mismatch for '"),
     "mistyped config": (lambda c: _edit_model_config(c, n_layers="two"), "model config field 'n_layers' is 'two'",
                         "model config field 'n_layers' is 'two'"),
-    "vocabulary mismatch": (_bigger_tokenizer, "vocabulary mismatch", "shape mismatch for 'main.embed.weight'"),
+    "vocabulary mismatch": (_bigger_tokenizer, "vocabulary mismatch", "vocabulary mismatch"),
+    "garbage tokenizer.json": (lambda c: (c / TOKENIZER_FILE).write_text("{"), "tokenizer.json (", "tokenizer.json ("),
 }
 
 
@@ -156,7 +149,6 @@ def test_cuda_requested_without_cuda_is_one_line(command, run_dir, tmp_path, cap
 @pytest.mark.parametrize("flags, fragment", [
     (["--batch-size", "0"], "--batch-size must be >= 1 (got 0)"),
     (["--seq-len", "1"], "--seq-len must be >= 2 (got 1)"),
-    (["--seq-len", "512"], "--seq-len 512 exceeds the model's context 128: lower --seq-len or raise --max-seq-len"),
     (["--lr", "0"], "--lr must be > 0 (got 0.0)"),
     (["--grad-accum", "0"], "--grad-accum must be >= 1 (got 0)"),
     (["--time-budget", "-5"], "--time-budget must be > 0 (got -5.0)"),
@@ -184,3 +176,11 @@ def test_bad_eval_numbers_are_one_line_errors(flags, fragment, run_dir, capsys):
     code, _, err = run(capsys, "eval", "--ckpt", run_dir, *flags)
     assert_one_line_error(code, err, fragment)
     assert snapshot(run_dir) == before
+
+
+def test_seq_len_beyond_the_context_is_one_line(tmp_path, capsys, corpus_dir):
+    code, _, err = run(capsys, "train", *MICRO, "--data", corpus_dir, "--max-steps", "1", "--out", tmp_path / "run",
+                       "--seq-len", "512")
+    assert_one_line_error(code, err, "--seq-len 512 exceeds the model's context 128: lower --seq-len or raise "
+                                     "--max-seq-len")
+    assert not list_checkpoints(tmp_path / "run")

@@ -21,14 +21,6 @@ from test_cli import MICRO, assert_one_line_error, run
 STEPS, SAVE_EVERY = 200, 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same as the killed subprocess (OMP_NUM_THREADS=1): bit-exact comparisons
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_flags(corpus_dir) -> list[str]:
     return ["train", *MICRO, "--batch-size", "4", "--data", str(corpus_dir), "--max-steps", str(STEPS),
             "--save-every", str(SAVE_EVERY), "--eval-every", "50"]

@@ -154,14 +154,21 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         model = MTPModel(model_cfg)
     check_weights_match(model, path / WEIGHTS_FILE)
     load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(device))
+    return Checkpoint(path, model.eval(), checkpoint_tokenizer(path, model_cfg), config)
+
+
+def checkpoint_tokenizer(path: Path, model_cfg: ModelConfig) -> Tokenizer:
+    """The checkpoint's tokenizer, checked against the model's vocabulary."""
     try:
         tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE))
     except Exception as exc:  # tokenizers raises plain Exception subclasses
-        raise MtpdError(f"cannot read {path / TOKENIZER_FILE} ({exc}): the checkpoint is corrupt") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MtpdError(f"cannot read {path / TOKENIZER_FILE} ({reason}): the checkpoint is corrupt; "
+                        f"{USE_AN_EARLIER_ONE}") from None
     if tokenizer.get_vocab_size() > model_cfg.vocab_size:
         raise MtpdError(f"vocabulary mismatch in {path}: tokenizer.json has {tokenizer.get_vocab_size()} tokens "
                         f"but the model's vocab_size is {model_cfg.vocab_size}; the files come from different runs")
-    return Checkpoint(path, model.eval(), tokenizer, config)
+    return tokenizer
 
 
 def check_weights_match(model: torch.nn.Module, weights: Path) -> None:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from mtpd import distributed
-from mtpd.checkpoint import (TOKENIZER_FILE, Checkpoint, checkpoint_dir, list_checkpoints, load_checkpoint,
+from mtpd.checkpoint import (Checkpoint, checkpoint_dir, checkpoint_tokenizer, list_checkpoints, load_checkpoint,
                              read_config)
 from mtpd.config import LossConfig, ModelConfig
 from mtpd.data import (Corpus, encode_documents, eos_id, load_corpus, load_or_train_tokenizer, token_cache_path,
@@ -144,7 +144,7 @@ def resume_run(out_dir: Path, budget: dict, device: str = "auto", show_progress:
     except (KeyError, TypeError) as exc:
         raise MtpdError(f"{path / 'config.json'} lacks or garbles {exc}: it was not written by mtpd's trainer, so "
                         f"the run cannot be resumed; start a new run with another --out") from None
-    data = tokenized_corpus(data_path, tokenizer_path=str(path / TOKENIZER_FILE))
+    data = tokenized_corpus(data_path, tokenizer=checkpoint_tokenizer(path, model_cfg))
     return _fit(MTPModel(model_cfg), data, data_path, train_cfg, loss_cfg, out_dir, saved.get("history", []),
                 resolve_device(device), show_progress, log, resume=True, fsdp=fsdp)
 

@@ -29,8 +29,8 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from mtpd import distributed
-from mtpd.checkpoint import (STATE_FILE, WEIGHTS_FILE, checkpoint_dir, list_checkpoints, prune_checkpoints,
-                             save_checkpoint)
+from mtpd.checkpoint import (STATE_FILE, USE_AN_EARLIER_ONE, WEIGHTS_FILE, checkpoint_dir, list_checkpoints,
+                             prune_checkpoints, save_checkpoint)
 from mtpd.config import LossConfig
 from mtpd.data import TokenBatches, validation_windows
 from mtpd.errors import MtpdError
@@ -388,4 +388,4 @@ def _read_trainer_state(checkpoint: Path, device: torch.device) -> dict:
         return torch.load(checkpoint / STATE_FILE, map_location=device, weights_only=False)
     except Exception as exc:  # a truncated or overwritten file: torch and pickle raise many different types
         raise MtpdError(f"cannot read {checkpoint / STATE_FILE} ({type(exc).__name__}): the checkpoint is corrupt; "
-                        f"use an earlier checkpoint of the run (move this one out of checkpoints/)") from None
+                        f"{USE_AN_EARLIER_ONE}") from None
