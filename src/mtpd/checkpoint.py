@@ -36,6 +36,8 @@ STATE_FILE = "trainer_state.pt"
 FORMAT = "mtpd-checkpoint"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+USE_AN_EARLIER_ONE = ("use an earlier checkpoint of the run (--resume takes the latest one: move the corrupt one out "
+                      "of checkpoints/)")
 
 
 @dataclass
@@ -156,16 +158,16 @@ def read_config(path: Path) -> dict:
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise MtpdError(f"cannot read {path / CONFIG_FILE} ({exc}): the checkpoint is corrupt; "
-                        f"use an earlier checkpoint of the run") from None
+        raise MtpdError(f"cannot read {path / CONFIG_FILE} ({exc}): the checkpoint is corrupt; {USE_AN_EARLIER_ONE}"
+                        ) from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise MtpdError(f"{path / CONFIG_FILE} is not an mtpd checkpoint config (no \"format\": \"{FORMAT}\")")
+        raise MtpdError(f"{path / CONFIG_FILE} is not an mtpd checkpoint config (no \"format\": \"{FORMAT}\"): "
+                        f"pass a run directory or checkpoint written by `mtpd train`")
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise MtpdError(f"checkpoint {path} has format version {config['format_version']}, newer than this "
                         f"mtpd understands ({FORMAT_VERSION}): upgrade mtpd")
     if not isinstance(config.get("model"), dict):
-        raise MtpdError(f"{path / CONFIG_FILE} has no \"model\" section: the checkpoint is corrupt; "
-                        f"use an earlier checkpoint of the run")
+        raise MtpdError(f"{path / CONFIG_FILE} has no \"model\" section: the checkpoint is corrupt; {USE_AN_EARLIER_ONE}")
     return config
 
 
@@ -181,14 +183,21 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", backbo
             raise MtpdError(f"checkpoint {path} has no {name}: it is incomplete; use an earlier checkpoint")
     model = build_model(config, path, device, backbone_path)
     load_weights(model, path, device)
+    return Checkpoint(path, model.eval(), checkpoint_tokenizer(path, model.cfg), config)
+
+
+def checkpoint_tokenizer(path: Path, model_cfg: ModelConfig) -> Tokenizer:
+    """The checkpoint's tokenizer, checked against the model's vocabulary."""
     try:
         tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE))
     except Exception as exc:  # tokenizers raises plain Exception subclasses
-        raise MtpdError(f"cannot read {path / TOKENIZER_FILE} ({exc}): the checkpoint is corrupt") from None
-    if tokenizer.get_vocab_size() > model.cfg.vocab_size:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MtpdError(f"cannot read {path / TOKENIZER_FILE} ({reason}): the checkpoint is corrupt; "
+                        f"{USE_AN_EARLIER_ONE}") from None
+    if tokenizer.get_vocab_size() > model_cfg.vocab_size:
         raise MtpdError(f"vocabulary mismatch in {path}: tokenizer.json has {tokenizer.get_vocab_size()} tokens "
-                        f"but the model's vocab_size is {model.cfg.vocab_size}; the files come from different runs")
-    return Checkpoint(path, model.eval(), tokenizer, config)
+                        f"but the model's vocab_size is {model_cfg.vocab_size}; the files come from different runs")
+    return tokenizer
 
 
 def build_model(config: dict, path: Path, device: str | torch.device = "cpu",
@@ -241,7 +250,8 @@ def check_weights_match(model: torch.nn.Module, weights: Path, prefix: str = "")
         with safe_open(str(weights), framework="pt") as f:
             stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except Exception as exc:
-        raise MtpdError(f"cannot read {weights} ({exc}): the checkpoint is corrupt") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MtpdError(f"cannot read {weights} ({reason}): the checkpoint is corrupt; {USE_AN_EARLIER_ONE}") from None
     for name, shape in stored.items():
         if name not in expected:
             raise MtpdError(f"{weights} has tensor '{name}' that this model does not: the checkpoint belongs to "

@@ -22,6 +22,7 @@ EPILOG_TRAIN = """examples:
   mtpd train --out runs/tiny --resume                                       # continue an interrupted run
   mtpd train --out runs/tiny --resume --max-steps 4000                      # continue it to a larger budget
   mtpd train --hf ~/models/my-llama --heads 4 --data my_corpus/ --time-budget 600   # heads on your own model
+  torchrun --nproc-per-node 2 -m mtpd train --preset tiny --max-steps 1000  # 2 processes: DDP, batch 2 x 16
 """
 
 
@@ -37,6 +38,10 @@ EPILOG_EXPERIMENT = """examples:
   mtpd experiment --suite looped --scale full --out runs/exp-looped
   mtpd experiment --suite mtp-vs-mtpd --preset tiny --tokens 1000000 --data my_corpus/
 """
+
+
+FSDP_HELP = ("under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2) instead of "
+             "replicating the model on each (DDP, the default)")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -99,6 +104,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept in the run (default: 2)")
     r.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--fsdp", action="store_true", help=FSDP_HELP)
 
 
 def _loss_config(args) -> LossConfig:
@@ -117,7 +123,6 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
-    from mtpd.report import eval_table
     from mtpd.run import pretrain, train_heads
 
     if args.heads < 1:
@@ -134,13 +139,13 @@ def cmd_train(args) -> int:
     if args.hf:
         out = args.out or f"runs/hf-{Path(args.hf).resolve().name}-k{args.heads}"
         metrics, path = train_heads(args.hf, args.heads, train_cfg, loss_cfg, out, args.data, resume=args.resume,
-                                    device=args.device, max_seq_len=args.max_seq_len, show_progress=not args.quiet)
+                                    device=args.device, max_seq_len=args.max_seq_len, show_progress=not args.quiet,
+                                    fsdp=args.fsdp)
     else:
         out = args.out or f"runs/{args.preset}-k{args.heads}"
-        metrics, path = pretrain(model_cfg, train_cfg, loss_cfg, out, args.data, args.tokenizer,
-                                 resume=args.resume, device=args.device, show_progress=not args.quiet)
-    print(eval_table(metrics))
-    print(f"checkpoint: {path}")
+        metrics, path = pretrain(model_cfg, train_cfg, loss_cfg, out, args.data, args.tokenizer, resume=args.resume,
+                                 device=args.device, show_progress=not args.quiet, fsdp=args.fsdp)
+    _print_training_result(metrics, path)
     return 0
 
 
@@ -150,6 +155,15 @@ def _check_no_shape_flags(args) -> None:
     if given:
         raise MtpdError(f"{', '.join(given)} cannot be combined with --hf: the model and its tokenizer come from the "
                         f"--hf directory")
+
+
+def _print_training_result(metrics: dict, path) -> None:
+    from mtpd.distributed import is_main_process
+    from mtpd.report import eval_table
+
+    if is_main_process():  # under torchrun: one report, not one per process
+        print(eval_table(metrics))
+        print(f"checkpoint: {path}")
 
 
 def cmd_eval(args) -> int:
@@ -165,7 +179,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_extend(args) -> int:
-    from mtpd.report import eval_table
     from mtpd.run import extend
 
     if args.to < 2:
@@ -177,9 +190,8 @@ def cmd_extend(args) -> int:
     if args.time_budget is not None and args.time_budget <= 0:
         raise MtpdError(f"--time-budget must be > 0 (got {args.time_budget})")
     metrics, path = extend(args.ckpt, args.to, args.out, budget, args.fraction, args.data, args.resume, args.device,
-                           show_progress=not args.quiet)
-    print(eval_table(metrics))
-    print(f"checkpoint: {path}")
+                           show_progress=not args.quiet, fsdp=args.fsdp)
+    _print_training_result(metrics, path)
     return 0
 
 
@@ -323,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted extension in --out")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--fsdp", action="store_true", help=FSDP_HELP)
     p.set_defaults(func=cmd_extend)
 
     p = sub.add_parser("generate", help="continue a prompt with speculative decoding (streams the text)",
