@@ -30,6 +30,8 @@ from mtpd.decode.tree_calibration import calibrate_tree
 from mtpd.decode.tree_draft import DynamicTree, StaticTree
 from mtpd.errors import MtpdError
 from mtpd.metrics import acceptance_rates, cumulative_acceptance, mean_accepted_tokens
+from mtpd.model.hf import HFBackbone
+from mtpd.peers import PROMPT_LOOKUP_TOKENS, hf_peer_methods
 from mtpd.report import format_table
 
 
@@ -104,9 +106,7 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
                   calibration_prompts: list[list[int]] | None = None) -> dict:
     """`calibration_prompts`: held-out prompts the tree is calibrated on (with `tree` and no `tree_shape`)."""
     model = checkpoint.model.eval()
-    heads = model.num_heads if cfg.num_heads is None else cfg.num_heads
-    if not 1 <= heads <= model.num_heads:
-        raise MtpdError(f"--heads {heads} is not available: the checkpoint has {model.num_heads} heads")
+    heads = _heads(model, cfg)
     rule = make_rule(cfg.temperature, cfg.top_k, cfg.top_p)
     batches = _batches(prompts, cfg.batch_size)
     generate_spec = lambda tree: lambda b, g: speculative_generate(  # noqa: E731
@@ -122,6 +122,8 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
     if cfg.no_cache_baseline:
         methods["autoregressive_no_cache"] = lambda b, g: autoregressive_generate(
             model.main, b, cfg.max_new_tokens, rule, use_cache=False, generator=g)
+    if isinstance(model.main, HFBackbone):  # what users of a Hugging Face model would run instead
+        methods |= hf_peer_methods(model.main.model, cfg.max_new_tokens, rule)
 
     for name, generate in methods.items():  # warm-up: first-call allocations, lazy init
         generate(batches[0], torch.Generator().manual_seed(cfg.seed))
@@ -195,6 +197,7 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
         "baseline_tokens_per_cpu_s": cpu_rate["autoregressive"],
         "draft_threshold": cfg.draft_threshold,
         **speculative_metrics("speculative"),
+        "peers": _peer_report(rate, outputs, rule, cfg.batch_size),
     }
     for name, tree in trees.items():
         report[name] = {**speculative_metrics(name), "drafter": tree.describe(),
@@ -205,6 +208,22 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
             "speedup": report["tree"]["speedup"] / report["speedup"]}
     report |= {"torch_version": torch.__version__, "seconds": time.perf_counter() - started}
     return report
+
+
+def _heads(model, cfg: BenchConfig) -> int:
+    heads = model.num_heads if cfg.num_heads is None else cfg.num_heads
+    if not 1 <= heads <= model.num_heads:
+        raise MtpdError(f"--heads {heads} is not available: the checkpoint has {model.num_heads} heads")
+    return heads
+
+
+def check_tree(checkpoint: Checkpoint, cfg: BenchConfig) -> None:
+    """Refuse tree flags this checkpoint cannot honour (a backbone without tree attention, such as a Hugging
+    Face model; a tree deeper than the heads) before any work: calibration prompts, warm-up."""
+    if cfg.tree:
+        model = checkpoint.model
+        shape = TreeShape.chain(1) if cfg.tree_shape is None else TreeShape.parse(cfg.tree_shape)
+        StaticTree(shape).check(model, _heads(model, cfg))
 
 
 def _trees(model, heads: int, cfg: BenchConfig, calibration_prompts: list[list[int]] | None,
@@ -230,6 +249,19 @@ def _trees(model, heads: int, cfg: BenchConfig, calibration_prompts: list[list[i
     return trees, calibration
 
 
+def _peer_report(rate: dict, outputs: dict, rule, batch_size: int) -> dict:
+    """Hugging Face's own decoders beside ours (only for heads on a Hugging Face model)."""
+    peers = {}
+    for name, batch in (("hf_generate", batch_size), ("hf_prompt_lookup", 1)):
+        if name in rate:
+            peers[name] = {"tokens_per_s": rate[name], "batch_size": batch,
+                           "spec_speedup_over_it": rate["speculative"] / rate[name],
+                           "identical_to_spec": outputs[name] == outputs["speculative"] if isinstance(rule, Greedy) else None}
+    if "hf_prompt_lookup" in peers:
+        peers["hf_prompt_lookup"]["prompt_lookup_num_tokens"] = PROMPT_LOOKUP_TOKENS
+    return peers
+
+
 def bench_table(report: dict) -> str:
     heads = report["heads"]
     trees = [name for name in ("tree", "tree_dynamic") if name in report]
@@ -244,6 +276,9 @@ def bench_table(report: dict) -> str:
     if report["no_cache_tokens_per_s"] is not None:
         rows.append(("autoregressive (no cache)", report["no_cache_tokens_per_s"],
                      report["no_cache_tokens_per_s"] / report["baseline_tokens_per_s"], "-", 1.0))
+    labels = {"hf_generate": "transformers generate", "hf_prompt_lookup": "transformers prompt lookup (batch 1)"}
+    for name, peer in report.get("peers", {}).items():
+        rows.append((labels[name], peer["tokens_per_s"], peer["tokens_per_s"] / report["baseline_tokens_per_s"], "-", 1.0))
     methods = [(f"speculative, {heads} heads, chain", report)]
     methods += [(f"speculative, {report[n]['drafter']['kind']} tree of {report[n]['drafter']['nodes']} nodes",
                  report[n]) for n in trees]
@@ -269,4 +304,7 @@ def bench_table(report: dict) -> str:
     if identical is not None:
         same = all(m["identical_to_baseline"] for _, m in methods)
         lines.append(f"greedy output identical to autoregressive: {'yes' if same else 'NO'}")
+    for name, peer in report.get("peers", {}).items():
+        same = "" if peer["identical_to_spec"] is None else f"; greedy output identical: {'yes' if peer['identical_to_spec'] else 'NO'}"
+        lines.append(f"speculative vs {name}: {peer['spec_speedup_over_it']:.2f}x{same}")
     return "\n".join(lines)

@@ -21,6 +21,8 @@ EPILOG_TRAIN = """examples:
   mtpd train --preset small --data my_corpus/ --max-tokens 3000000 --out runs/small
   mtpd train --out runs/tiny --resume                                       # continue an interrupted run
   mtpd train --out runs/tiny --resume --max-steps 4000                      # continue it to a larger budget
+  mtpd train --hf ~/models/my-llama --heads 4 --data my_corpus/ --time-budget 600   # heads on your own model
+  torchrun --nproc-per-node 2 -m mtpd train --preset tiny --max-steps 1000  # 2 processes: DDP, batch 2 x 16
 """
 
 
@@ -38,8 +40,14 @@ EPILOG_EXPERIMENT = """examples:
 """
 
 
+FSDP_HELP = ("under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2) instead of "
+             "replicating the model on each (DDP, the default)")
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model (preset values unless overridden)")
+    m.add_argument("--hf", metavar="PATH", help="train heads only, on this local Hugging Face causal LM (frozen, "
+                                                "the teacher; its tokenizer is used); the shape flags do not apply")
     m.add_argument("--preset", default="tiny", help=f"named model shape: {', '.join(PRESETS)} (default: tiny)")
     m.add_argument("--heads", type=int, default=4, help="number K of cascaded MTP heads (default: 4)")
     m.add_argument("--vocab-size", type=int, help="vocabulary of the BPE tokenizer trained on the corpus (a small "
@@ -49,7 +57,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--attn-heads", type=int, help="attention heads")
     m.add_argument("--kv-heads", type=int, help="key/value heads (< --attn-heads: grouped-query attention)")
     m.add_argument("--ffn-dim", type=int, help="SwiGLU hidden size")
-    m.add_argument("--max-seq-len", type=int, help="context length")
+    m.add_argument("--max-seq-len", type=int, help="context length (with --hf: a cap on the model's, default 4096)")
 
     d = p.add_argument_group("data")
     d.add_argument("--data", help="text file, directory (recursive) or .jsonl with a 'text' field "
@@ -96,6 +104,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept in the run (default: 2)")
     r.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--fsdp", action="store_true", help=FSDP_HELP)
 
 
 def _loss_config(args) -> LossConfig:
@@ -114,30 +123,54 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
-    from mtpd.report import eval_table
-    from mtpd.run import pretrain
+    from mtpd.run import pretrain, train_heads
 
     if args.heads < 1:
         raise MtpdError(f"--heads must be >= 1 (got {args.heads})")
-    model_cfg = preset(args.preset, mtp_heads=args.heads, vocab_size=args.vocab_size, d_model=args.d_model,
-                       n_layers=args.n_layers, n_heads=args.attn_heads, n_kv_heads=args.kv_heads,
-                       ffn_dim=args.ffn_dim, max_seq_len=args.max_seq_len)
+    if args.hf:
+        _check_no_shape_flags(args)
+    else:
+        model_cfg = preset(args.preset, mtp_heads=args.heads, vocab_size=args.vocab_size, d_model=args.d_model,
+                           n_layers=args.n_layers, n_heads=args.attn_heads, n_kv_heads=args.kv_heads,
+                           ffn_dim=args.ffn_dim, max_seq_len=args.max_seq_len)
     train_cfg, loss_cfg = _train_config(args), _loss_config(args)  # every flag is checked before any work
-    out = args.out or f"runs/{args.preset}-k{args.heads}"
     if not args.resume and not any(v is not None for v in train_cfg.budget.values()):
         raise MtpdError("no training budget: pass --max-steps N, --max-tokens N or --time-budget SECONDS")
-    metrics, path = pretrain(model_cfg, train_cfg, loss_cfg, out, args.data, args.tokenizer,
-                             resume=args.resume, device=args.device, show_progress=not args.quiet)
-    print(eval_table(metrics))
-    print(f"checkpoint: {path}")
+    if args.hf:
+        out = args.out or f"runs/hf-{Path(args.hf).resolve().name}-k{args.heads}"
+        metrics, path = train_heads(args.hf, args.heads, train_cfg, loss_cfg, out, args.data, resume=args.resume,
+                                    device=args.device, max_seq_len=args.max_seq_len, show_progress=not args.quiet,
+                                    fsdp=args.fsdp)
+    else:
+        out = args.out or f"runs/{args.preset}-k{args.heads}"
+        metrics, path = pretrain(model_cfg, train_cfg, loss_cfg, out, args.data, args.tokenizer, resume=args.resume,
+                                 device=args.device, show_progress=not args.quiet, fsdp=args.fsdp)
+    _print_training_result(metrics, path)
     return 0
+
+
+def _check_no_shape_flags(args) -> None:
+    given = [f"--{name.replace('_', '-')}" for name in ("vocab_size", "d_model", "n_layers", "attn_heads", "kv_heads",
+                                                        "ffn_dim", "tokenizer") if getattr(args, name) is not None]
+    if given:
+        raise MtpdError(f"{', '.join(given)} cannot be combined with --hf: the model and its tokenizer come from the "
+                        f"--hf directory")
+
+
+def _print_training_result(metrics: dict, path) -> None:
+    from mtpd.distributed import is_main_process
+    from mtpd.report import eval_table
+
+    if is_main_process():  # under torchrun: one report, not one per process
+        print(eval_table(metrics))
+        print(f"checkpoint: {path}")
 
 
 def cmd_eval(args) -> int:
     from mtpd.report import eval_table
     from mtpd.run import evaluate_checkpoint
 
-    metrics, _ = evaluate_checkpoint(args.ckpt, args.data, args.seq_len, args.windows, args.device)
+    metrics, _ = evaluate_checkpoint(args.ckpt, args.data, args.seq_len, args.windows, args.device, args.hf)
     print(f"{metrics['checkpoint']}  on {metrics['data']} validation ({metrics['val_tokens']:,} tokens)")
     print(eval_table(metrics))
     if args.json:
@@ -146,7 +179,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_extend(args) -> int:
-    from mtpd.report import eval_table
     from mtpd.run import extend
 
     if args.to < 2:
@@ -158,9 +190,8 @@ def cmd_extend(args) -> int:
     if args.time_budget is not None and args.time_budget <= 0:
         raise MtpdError(f"--time-budget must be > 0 (got {args.time_budget})")
     metrics, path = extend(args.ckpt, args.to, args.out, budget, args.fraction, args.data, args.resume, args.device,
-                           show_progress=not args.quiet)
-    print(eval_table(metrics))
-    print(f"checkpoint: {path}")
+                           show_progress=not args.quiet, fsdp=args.fsdp)
+    _print_training_result(metrics, path)
     return 0
 
 
@@ -168,7 +199,7 @@ def cmd_generate(args) -> int:
     from mtpd.checkpoint import load_checkpoint
     from mtpd.run import generate_text, resolve_device
 
-    checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device))
+    checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device), args.hf)
     emit = lambda text: print(text, end="", flush=True)  # noqa: E731
     stats = generate_text(checkpoint, args.prompt, args.max_new_tokens, args.heads, not args.no_spec,
                           args.temperature, args.top_k, args.top_p, args.seed, args.draft_threshold, emit)
@@ -179,7 +210,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from mtpd.bench import BenchConfig, bench_table, run_benchmark
+    from mtpd.bench import BenchConfig, bench_table, check_tree, run_benchmark
     from mtpd.checkpoint import load_checkpoint
     from mtpd.run import benchmark_prompts, resolve_device
 
@@ -189,7 +220,8 @@ def cmd_bench(args) -> int:
                       draft_threshold=args.draft_threshold, tree=args.tree or args.tree_dynamic or args.tree_shape is not None,
                       tree_shape=args.tree_shape, tree_nodes=args.tree_nodes,
                       tree_dynamic=args.tree_dynamic).validate()
-    checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device))
+    checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device), args.hf)
+    check_tree(checkpoint, cfg)  # a backbone without tree attention, a tree deeper than the heads: before any work
     prompts = benchmark_prompts(checkpoint, args.prompts, args.num_prompts, args.prompt_tokens)
     calibration = (benchmark_prompts(checkpoint, None, cfg.calibration_prompts, args.prompt_tokens, offset=0.5)
                    if cfg.tree and cfg.tree_shape is None else None)
@@ -217,6 +249,13 @@ def cmd_experiment(args) -> int:
     summary = run_suite(args.suite, scale, args.out, args.data, args.device, show_progress=not args.quiet)
     for path in write_experiment_report(summary, args.out):
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from mtpd.export import export_hf
+
+    print(f"wrote {export_hf(args.ckpt, args.out)}")
     return 0
 
 
@@ -272,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "acceptance (how often head k's top-1 equals the main head's top-1 for the "
                                    "same target).")
     p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    p.add_argument("--hf", metavar="PATH", help="heads trained on a Hugging Face model: where that model is now, "
+                                                "if it moved (default: the path recorded at training)")
     p.add_argument("--data", help="corpus whose validation split to evaluate on (default: the checkpoint's "
                                   "training corpus)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
@@ -300,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted extension in --out")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--fsdp", action="store_true", help=FSDP_HELP)
     p.set_defaults(func=cmd_extend)
 
     p = sub.add_parser("generate", help="continue a prompt with speculative decoding (streams the text)",
@@ -308,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "write (greedy: token for token; sampling: the same distribution), only faster. "
                                    "Statistics go to stderr.")
     p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    p.add_argument("--hf", metavar="PATH", help="heads trained on a Hugging Face model: where that model is now, "
+                                                "if it moved (default: the path recorded at training)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
     p.add_argument("--heads", type=int, help="draft with the first K heads only (default: all)")
@@ -324,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "speedups, per-head acceptance and cumulative acceptance, mean accepted tokens, "
                                    "and whether greedy output was identical.")
     p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    p.add_argument("--hf", metavar="PATH", help="heads trained on a Hugging Face model: where that model is now, "
+                                                "if it moved (default: the path recorded at training)")
     p.add_argument("--prompts", help="text file, one prompt per line (default: slices of the checkpoint's "
                                      "validation split)")
     p.add_argument("--num-prompts", type=int, default=8, help="validation prompts (default: 8)")
@@ -375,6 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("export-hf", help="write a checkpoint's main model as a Hugging Face Llama directory",
+                       description="Export the main model of a built-in checkpoint as a LlamaForCausalLM directory "
+                                   "(config.json, model.safetensors, tokenizer files) that transformers loads with "
+                                   "AutoModelForCausalLM / AutoTokenizer, and that `mtpd train --hf` can train heads "
+                                   "on. The MTP heads are not exported.")
+    p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    p.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("demo", help="train a tiny MTP-D model on the standard library, evaluate and benchmark it",
                        description="The whole method on the built-in default: trains the `tiny` preset with 4 MTP-D "

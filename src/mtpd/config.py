@@ -57,6 +57,11 @@ class ModelConfig:
         unknown = set(data) - known
         if unknown:
             raise MtpdError(f"unknown model config keys {sorted(unknown)}: was this checkpoint written by a newer mtpd?")
+        for f in dataclasses.fields(cls):
+            value, kind = data.get(f.name, f.default), type(f.default)  # every default has its field's type
+            if type(value) is not kind and not (kind is float and type(value) is int):
+                raise MtpdError(f"model config field '{f.name}' is {value!r}, not {kind.__name__}: the checkpoint's "
+                                f"config.json is corrupt")
         return cls(**data).validate()
 
 

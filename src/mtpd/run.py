@@ -7,6 +7,8 @@ decisions that need more than one piece, like resuming a run from its own saved 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,9 @@ from tokenizers import Tokenizer
 import time
 from collections.abc import Callable
 
-from mtpd.checkpoint import TOKENIZER_FILE, Checkpoint, list_checkpoints, load_checkpoint, read_config
+from mtpd import distributed
+from mtpd.checkpoint import (Checkpoint, build_model, checkpoint_dir, checkpoint_tokenizer, list_checkpoints,
+                             load_checkpoint, read_config)
 from mtpd.config import LossConfig, ModelConfig
 from mtpd.data import (Corpus, encode_documents, eos_id, load_corpus, load_or_train_tokenizer, token_cache_path,
                        validation_windows)
@@ -26,6 +30,7 @@ from mtpd.errors import MtpdError
 from mtpd.evaluate import evaluate
 from mtpd.metrics import mean_accepted_tokens
 from mtpd.model import MTPModel
+from mtpd.parallel import require_torchrun_for_fsdp
 from mtpd.train import BUDGET_FIELDS, Trainer, TrainConfig
 
 
@@ -60,17 +65,21 @@ def resolve_device(name: str) -> torch.device:
         raise MtpdError("--device cuda was requested but no CUDA device is available: use --device cpu")
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise MtpdError(f"unknown device '{name}': use cpu, cuda or auto")
-    return torch.device(name)
+    return distributed.this_process_device(torch.device(name))
 
 
 def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, loss_cfg: LossConfig, out_dir: str | Path,
              data_path: str | None = None, tokenizer_path: str | None = None, resume: bool = False,
-             device: str = "auto", show_progress: bool = True, log=print) -> tuple[dict, Path]:
+             device: str = "auto", show_progress: bool = True, log=print, fsdp: bool = False) -> tuple[dict, Path]:
     """Joint pretraining of the main model and its heads (DESIGN §3.1). Returns final eval metrics and the
-    checkpoint path. With resume and a run in out_dir, that run continues (see resume_run)."""
-    out_dir = Path(out_dir)
+    checkpoint path. With resume and a run in out_dir, that run continues (see resume_run).
+
+    Under torchrun every process calls this (and extend, resume_run): each prepares the same data, then they
+    train together in _fit, data-parallel (or sharded, with fsdp); rank 0 alone logs and writes."""
+    out_dir, log = Path(out_dir), distributed.on_main_process(log)
+    require_torchrun_for_fsdp(fsdp)
     if _continues_a_run(out_dir, resume):
-        return resume_run(out_dir, train_cfg.budget, device, show_progress, log)
+        return resume_run(out_dir, train_cfg.budget, device, show_progress, log, fsdp=fsdp)
     dev = resolve_device(device)
     _check_writable(out_dir)
     data = tokenized_corpus(data_path, model_cfg.vocab_size, tokenizer_path)
@@ -79,21 +88,51 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, loss_cfg: LossConfi
     torch.manual_seed(train_cfg.seed)
     model = MTPModel(model_cfg)
     history = [{"event": "pretrain", "heads": model_cfg.mtp_heads}]
-    return _fit(model, data, data_path, train_cfg, loss_cfg, out_dir, history, dev, show_progress, log)
+    return _fit(model, data, data_path, train_cfg, loss_cfg, out_dir, history, dev, show_progress, log, fsdp=fsdp)
+
+
+def train_heads(hf_path: str | Path | None, num_heads: int, train_cfg: TrainConfig, loss_cfg: LossConfig,
+                out_dir: str | Path, data_path: str | None = None, resume: bool = False, device: str = "auto",
+                max_seq_len: int | None = None, show_progress: bool = True, log=print,
+                fsdp: bool = False) -> tuple[dict, Path]:
+    """Head-only MTP-D on a frozen Hugging Face causal LM (DESIGN §3.2): the model is the teacher, its own
+    tokenizer encodes the corpus, and checkpoints hold only the heads plus a reference to the model.
+    With resume and a run in out_dir, that run continues (`hf_path`, if given, is where its model is now)."""
+    from mtpd.model.hf import head_config, load_hf_backbone
+
+    out_dir, log = Path(out_dir), distributed.on_main_process(log)
+    if _continues_a_run(out_dir, resume):
+        return resume_run(out_dir, train_cfg.budget, device, show_progress, log, backbone_path=hf_path, fsdp=fsdp)
+    if hf_path is None:
+        raise MtpdError("no model to train heads on: pass --hf PATH (a local Hugging Face model directory)")
+    dev = resolve_device(device)
+    backbone = load_hf_backbone(hf_path, dev, max_seq_len=max_seq_len)
+    model_cfg = head_config(backbone, num_heads)
+    _check_writable(out_dir)
+    data = tokenized_corpus(data_path, tokenizer_path=str(hf_path))
+    if data.tokenizer.get_vocab_size() > model_cfg.vocab_size:
+        raise MtpdError(f"the tokenizer of {hf_path} has {data.tokenizer.get_vocab_size()} tokens but the model "
+                        f"only {model_cfg.vocab_size} outputs: the directory mixes files of different models")
+    torch.manual_seed(train_cfg.seed)
+    model = MTPModel(model_cfg, backbone)
+    history = [{"event": "heads", "heads": num_heads}]
+    return _fit(model, data, data_path, dataclasses.replace(train_cfg, freeze_main=True), loss_cfg, out_dir, history,
+                dev, show_progress, log, fsdp=fsdp)
 
 
 def extend(ckpt: str | Path, num_heads: int, out_dir: str | Path, budget: dict | None = None,
            fraction: float = 0.2, data_path: str | None = None, resume: bool = False, device: str = "auto",
-           show_progress: bool = True, log=print) -> tuple[dict, Path]:
+           show_progress: bool = True, log=print, fsdp: bool = False) -> tuple[dict, Path]:
     """Looped extension (DESIGN §3.3): heads 1..m of `ckpt` are copied into m+1..num_heads; the main model and
     heads 1..m are frozen and only the new heads train, with the checkpoint's objective and optimiser settings.
 
     The budget defaults to `fraction` of the tokens the main model was pretrained on (the paper used 70B of
     350B). With resume and a run in out_dir, that run continues.
     """
-    out_dir = Path(out_dir)
+    out_dir, log = Path(out_dir), distributed.on_main_process(log)
+    require_torchrun_for_fsdp(fsdp)
     if _continues_a_run(out_dir, resume):
-        return resume_run(out_dir, budget or {}, device, show_progress, log)
+        return resume_run(out_dir, budget or {}, device, show_progress, log, fsdp=fsdp)
     if not 0 < fraction <= 1:
         raise MtpdError(f"--fraction must be in (0, 1] (got {fraction})")
     dev = resolve_device(device)
@@ -117,21 +156,29 @@ def extend(ckpt: str | Path, num_heads: int, out_dir: str | Path, budget: dict |
     data = tokenized_corpus(data_path, tokenizer=checkpoint.tokenizer)
     log(f"looped extension: {old_heads} -> {num_heads} heads; main model and heads 1..{old_heads} frozen")
     return _fit(model, data, data_path, train_cfg, LossConfig(**saved["loss"]), out_dir, history, dev,
-                show_progress, log)
+                show_progress, log, fsdp=fsdp)
 
 
 def resume_run(out_dir: Path, budget: dict, device: str = "auto", show_progress: bool = True,
-               log=print) -> tuple[dict, Path]:
+               log=print, backbone_path: str | Path | None = None, fsdp: bool = False) -> tuple[dict, Path]:
     """Continue the run in out_dir from its latest checkpoint with the run's saved configuration (model, data,
-    objective, frozen parts); a budget given now replaces the saved one (see resumed_train_config)."""
+    objective, frozen parts); a budget given now replaces the saved one (see resumed_train_config). Heads on a
+    Hugging Face model find it at its recorded path, or at `backbone_path`."""
+    log = distributed.on_main_process(log)
     path = list_checkpoints(out_dir)[-1][1]
     saved = read_config(path)
-    train_cfg = resumed_train_config(saved["train"], budget)
-    data_path = saved["data"]["path"]
-    data = tokenized_corpus(data_path, tokenizer_path=str(path / TOKENIZER_FILE))
-    model = MTPModel(ModelConfig.from_dict(saved["model"]))
-    return _fit(model, data, data_path, train_cfg, LossConfig(**saved["loss"]), out_dir, saved.get("history", []),
-                resolve_device(device), show_progress, log, resume=True)
+    try:
+        train_cfg = resumed_train_config(saved["train"], budget)
+        data_path = saved["data"]["path"]
+        model_cfg, loss_cfg = ModelConfig.from_dict(saved["model"]), LossConfig(**saved["loss"]).validate()
+    except (KeyError, TypeError) as exc:
+        raise MtpdError(f"{path / 'config.json'} lacks or garbles {exc}: it was not written by mtpd's trainer, so "
+                        f"the run cannot be resumed; start a new run with another --out") from None
+    data = tokenized_corpus(data_path, tokenizer=checkpoint_tokenizer(path, model_cfg))
+    dev = resolve_device(device)
+    model = build_model(saved, path, dev, backbone_path)
+    return _fit(model, data, data_path, train_cfg, loss_cfg, out_dir, saved.get("history", []), dev, show_progress,
+                log, resume=True, fsdp=fsdp)
 
 
 def _continues_a_run(out_dir: Path, resume: bool) -> bool:
@@ -144,25 +191,58 @@ def _continues_a_run(out_dir: Path, resume: bool) -> bool:
 
 def _fit(model: MTPModel, data: TokenizedCorpus, data_path: str | None, train_cfg: TrainConfig, loss_cfg: LossConfig,
          out_dir: Path, history: list[dict], device: torch.device, show_progress: bool, log,
-         resume: bool = False) -> tuple[dict, Path]:
-    """Train `model` with the one Trainer until the budget; returns the final evaluation and checkpoint path."""
+         resume: bool = False, fsdp: bool = False) -> tuple[dict, Path]:
+    """Train `model` with the one Trainer until the budget; returns the final evaluation and checkpoint path.
+    Under torchrun this is where the processes join: they check that they prepared the same data, then train."""
     if train_cfg.seq_len > model.cfg.max_seq_len:
         raise MtpdError(f"--seq-len {train_cfg.seq_len} exceeds the model's context {model.cfg.max_seq_len}: "
                         f"lower --seq-len or raise --max-seq-len")
+    with distributed.process_group(device):
+        _check_same_data_on_every_process(data)
+        # The trainer lives in a function of its own so that it, and the DDP wrapper holding the process
+        # group, are gone before the group is torn down (see distributed.process_group).
+        metrics, step = _train(model, data, data_path, train_cfg, loss_cfg, out_dir, history, device, show_progress,
+                               log, resume, fsdp)
+    return metrics, checkpoint_dir(out_dir, step)
+
+
+def _train(model: MTPModel, data: TokenizedCorpus, data_path: str | None, train_cfg: TrainConfig, loss_cfg: LossConfig,
+           out_dir: Path, history: list[dict], device: torch.device, show_progress: bool, log, resume: bool,
+           fsdp: bool) -> tuple[dict, int]:
     meta = {"data": data.reference(data_path), "history": history}
     trainer = Trainer(model, data.tokenizer, data.train, data.val, train_cfg, loss_cfg, out_dir, meta, device,
-                      show_progress)
+                      show_progress, fsdp)
     if resume and trainer.resume():
         budget = ", ".join(f"{k} {v}" for k, v in train_cfg.budget.items() if v is not None)
         log(f"resuming {out_dir} at step {trainer.step} ({trainer.tokens_seen:,} tokens seen) with its saved "
             f"configuration; budget: {budget}")
     trainable = sum(p.numel() for p in trainer.params)
-    log(f"model: {sum(p.numel() for p in model.main.parameters()) / 1e6:.2f}M main + "
+    frozen = " (frozen)" if train_cfg.freeze_main else ""
+    log(f"model: {sum(p.numel() for p in model.main.parameters()) / 1e6:.2f}M main{frozen} + "
         f"{sum(p.numel() for p in model.heads.parameters()) / 1e6:.2f}M in {model.num_heads} heads "
         f"({trainable / 1e6:.2f}M trained); data: {data.corpus.name}, {data.train.numel():,} train / "
-        f"{data.val.numel():,} val tokens; device {device}")
-    metrics = trainer.fit()
-    return metrics, list_checkpoints(out_dir)[-1][1]
+        f"{data.val.numel():,} val tokens; device {device}{_launch_note(train_cfg, fsdp)}")
+    return trainer.fit(), trainer.step
+
+
+def _check_same_data_on_every_process(data: TokenizedCorpus) -> None:
+    """Each process read and tokenized the data itself; training on different data (another --data path on
+    one node, a different tokenizer cache) would silently mix runs, so compare with rank 0 first."""
+    mine = (data.corpus.fingerprint, hashlib.sha256(data.tokenizer.to_str().encode()).hexdigest()[:16],
+            data.train.numel(), data.val.numel())
+    main = distributed.from_main(mine)
+    if mine != main:
+        raise MtpdError(f"process {distributed.rank()} prepared other data than process 0 (corpus fingerprint, "
+                        f"tokenizer hash, train and val tokens: {mine} vs {main}): give every node the same --data "
+                        f"and tokenizer")
+
+
+def _launch_note(train_cfg: TrainConfig, fsdp: bool) -> str:
+    world = distributed.world_size()
+    if world == 1:
+        return ""
+    return (f"; {world} processes ({'FSDP2' if fsdp else 'DDP'}), global batch {world} x {train_cfg.batch_size} = "
+            f"{world * train_cfg.batch_size} sequences")
 
 
 def resumed_train_config(saved: dict, budget: dict) -> TrainConfig:
@@ -181,7 +261,7 @@ def resumed_train_config(saved: dict, budget: dict) -> TrainConfig:
 def _check_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
+        probe = out_dir / f".write-test-{os.getpid()}"  # one per process: ranks probe the same directory
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
@@ -189,13 +269,14 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def evaluate_checkpoint(ckpt: str | Path, data_path: str | None = None, seq_len: int | None = None,
-                        windows: int = 64, device: str = "auto") -> tuple[dict, Checkpoint]:
-    """Validation metrics of a checkpoint on its own corpus's validation split (or on --data)."""
+                        windows: int = 64, device: str = "auto", hf: str | None = None) -> tuple[dict, Checkpoint]:
+    """Validation metrics of a checkpoint on its own corpus's validation split (or on --data). `hf`: where
+    the backbone of a head-only checkpoint is now, if it moved."""
     if windows < 1:
         raise MtpdError(f"--windows must be >= 1 (got {windows})")
     if seq_len is not None and seq_len < 2:
         raise MtpdError(f"--seq-len must be >= 2 (got {seq_len})")
-    checkpoint = load_checkpoint(ckpt, resolve_device(device))
+    checkpoint = load_checkpoint(ckpt, resolve_device(device), hf)
     if data_path is None:
         data_path = checkpoint.config.get("data", {}).get("path")
     data = tokenized_corpus(data_path, tokenizer=checkpoint.tokenizer, splits=("val",))

@@ -7,6 +7,11 @@
 Frozen parts are not in the optimizer, get no gradient, and run under no_grad (cheaper and bit-identical
 afterwards). The loop is plain PyTorch: AdamW, warm-up + cosine schedule, gradient accumulation and
 clipping, optional bf16 autocast, periodic evaluation and atomic checkpoints with exact resume.
+
+Under torchrun the same loop runs on every rank (distributed.py, parallel.py): each rank trains on its rows
+of the global batch (batch_size per rank x world size), gradients are averaged by DDP (or reduced by FSDP2),
+reported losses and token counts are global, and every decision that ends the run (budget, time, NaN) is
+the same on all ranks. Rank 0 alone logs and writes checkpoints; the others wait for it.
 """
 
 from __future__ import annotations
@@ -20,18 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from mtpd.checkpoint import (STATE_FILE, WEIGHTS_FILE, check_weights_match, checkpoint_dir, list_checkpoints,
-                             prune_checkpoints, save_checkpoint)
+from mtpd import distributed
+from mtpd.checkpoint import (STATE_FILE, USE_AN_EARLIER_ONE, checkpoint_dir, list_checkpoints, prune_checkpoints,
+                             save_checkpoint)
 from mtpd.config import LossConfig
 from mtpd.data import TokenBatches, validation_windows
 from mtpd.errors import MtpdError
 from mtpd.evaluate import evaluate
 from mtpd.losses import LossTerms, mtp_d_loss, top_n_for_mass
 from mtpd.model import MTPModel
+from mtpd.parallel import parallelize
 
 
 BUDGET_FIELDS = ("max_steps", "max_tokens", "time_budget")
@@ -130,22 +136,30 @@ def trainable_parameters(model: MTPModel, cfg: TrainConfig) -> list[torch.nn.Par
 class Trainer:
     def __init__(self, model: MTPModel, tokenizer: Tokenizer, train_tokens: torch.Tensor,
                  val_tokens: torch.Tensor, cfg: TrainConfig, loss_cfg: LossConfig, out_dir: Path,
-                 meta: dict | None = None, device: str | torch.device = "cpu", show_progress: bool = True):
+                 meta: dict | None = None, device: str | torch.device = "cpu", show_progress: bool = True,
+                 fsdp: bool = False):
         self.cfg, self.loss_cfg = cfg.validate(), loss_cfg.validate()
         self.device = torch.device(device)
-        self.model = model.to(self.device)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
         self.tokenizer = tokenizer
         self.out_dir = Path(out_dir)
         self.meta = meta or {}
-        self.show_progress = show_progress
+        self.show_progress = show_progress and self.is_main
         self.autocast = autocast_dtype(cfg, self.device)
-        self.params = trainable_parameters(model, cfg)
+        trainable_parameters(model, cfg)
+        # The module the training step calls (DDP or FSDP2 under torchrun); self.model is the model itself
+        # (sharded in place under FSDP2), for evaluation and checkpoints.
+        self.parallel = parallelize(model.to(self.device), self.device, fsdp)
+        self.model = self.parallel.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.dim() >= 2]
         no_decay = [p for p in self.params if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}],
                                            lr=cfg.lr, betas=(0.9, 0.95), fused=self.device.type == "cuda")
-        self.batches = TokenBatches(train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+        self.batches = TokenBatches(train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=self.rank,
+                                    world_size=self.world_size)
         self.val_windows = validation_windows(val_tokens, cfg.seq_len, cfg.eval_windows)
         self.step = 0
         self.tokens_seen = 0
@@ -159,6 +173,11 @@ class Trainer:
         self.last_eval_step = -1
         self.last_save_step = -1
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Training tokens of one optimizer step over all ranks (cfg.batch_size is per rank)."""
+        return self.cfg.tokens_per_step * self.world_size
+
     # --- budget -----------------------------------------------------------------------------------------
     def _planned_steps(self) -> int | None:
         """Steps implied by --max-steps / --max-tokens; None with only a time budget (estimated later)."""
@@ -166,7 +185,7 @@ class Trainer:
         if self.cfg.max_steps is not None:
             candidates.append(self.cfg.max_steps)
         if self.cfg.max_tokens is not None:
-            candidates.append(math.ceil(self.cfg.max_tokens / self.cfg.tokens_per_step))
+            candidates.append(math.ceil(self.cfg.max_tokens / self.tokens_per_step))
         if not candidates and self.cfg.time_budget is None:
             raise MtpdError("no training budget: pass --max-steps, --max-tokens or --time-budget")
         return min(candidates) if candidates else None
@@ -185,7 +204,7 @@ class Trainer:
     # --- one optimisation step ----------------------------------------------------------------------------
     def loss(self, window: torch.Tensor) -> LossTerms:
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            main_logits, head_logits = self.model(window[:, :-1])
+            main_logits, head_logits = self.parallel.module(window[:, :-1])
             return mtp_d_loss(window, main_logits, head_logits, self.objective, self.top_n)
 
     def train_step(self) -> dict:
@@ -193,26 +212,33 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         totals = None
-        for _ in range(self.cfg.grad_accum):
+        for micro_batch in range(1, self.cfg.grad_accum + 1):
             window = self.batches.next_batch().to(self.device)
-            terms = self.loss(window)
-            if not torch.isfinite(terms.total):
-                last = list_checkpoints(self.out_dir)
-                kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
-                raise MtpdError(f"loss became {terms.total.item()} at step {self.step + 1}; training stopped and "
-                                f"{kept}: lower --lr (now {self.cfg.lr}) or use --dtype fp32, then --resume")
-            (terms.total / self.cfg.grad_accum).backward()
+            with self.parallel.gradient_sync(micro_batch == self.cfg.grad_accum):
+                terms = self.loss(window)
+                (terms.total / self.cfg.grad_accum).backward()
             stats = {"loss": terms.total.item(), "ce0": terms.main_ce.item(),
                      **{f"ce{k}": ce.item() for k, ce in enumerate(terms.head_ce, 1)},
                      **{f"kl{k}": kl.item() for k, kl in enumerate(terms.head_kl, 1)}}
             totals = stats if totals is None else {k: totals[k] + v for k, v in stats.items()}
+        stats = distributed.mean_over_ranks({k: v / self.cfg.grad_accum for k, v in totals.items()})
+        # Checked on the global loss, before the optimizer step: every rank stops together, and the weights
+        # (like the checkpoints on disk) stay as they were after the last good step.
+        if not math.isfinite(stats["loss"]):
+            self._stop_on_non_finite_loss(stats["loss"])
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += self.cfg.tokens_per_step
-        return {k: v / self.cfg.grad_accum for k, v in totals.items()} | {"lr": lr}
+        self.tokens_seen += self.tokens_per_step
+        return stats | {"lr": lr}
+
+    def _stop_on_non_finite_loss(self, loss: float) -> None:
+        last = list_checkpoints(self.out_dir)
+        kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+        raise MtpdError(f"loss became {loss} at step {self.step + 1}; training stopped and {kept}: lower --lr "
+                        f"(now {self.cfg.lr}) or use --dtype fp32, then --resume")
 
     # --- evaluation, logging, checkpoints -------------------------------------------------------------------
     def run_eval(self) -> dict:
@@ -233,11 +259,13 @@ class Trainer:
             return
         window = self.val_windows[: self.cfg.batch_size].to(self.device)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            logits = self.model.main.logits(self.model.main(window[:, :-1]))
+            logits, _ = self.model(window[:, :-1])  # the whole model: under FSDP2 only its root gathers weights
         n = top_n_for_mass(logits, self.loss_cfg.top_mass)
-        self.top_n = n if n <= logits.shape[-1] // 2 else None
+        self.top_n = distributed.from_main(n if n <= logits.shape[-1] // 2 else None)
 
     def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -246,14 +274,20 @@ class Trainer:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
                 "total_steps": self.total_steps, "horizon_by_time": self.horizon_by_time, "budget": self.cfg.budget,
                 "top_n": self.top_n, "last_eval": self.last_eval, "last_eval_step": self.last_eval_step,
-                "optimizer": self.optimizer.state_dict(), "batches": self.batches.state_dict(),
+                "parallelism": self.parallel.name, "optimizer": self.parallel.optimizer_state(self.optimizer),
+                "batches": self.batches.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
         self.top_n = state["top_n"]
         self.last_eval, self.last_eval_step = state.get("last_eval", {}), state.get("last_eval_step", -1)
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved_with = state.get("parallelism", "replicated")
+        if saved_with != self.parallel.name:
+            flag = "with --fsdp" if saved_with == "fsdp" else "without --fsdp"
+            raise MtpdError(f"the run in {self.out_dir} was trained {flag} and its optimizer state is laid out "
+                            f"for that: resume it {flag}")
+        self.parallel.load_optimizer_state(self.optimizer, state["optimizer"])
         self.batches.load_state_dict(state["batches"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -278,20 +312,23 @@ class Trainer:
         if not (path / STATE_FILE).is_file():
             raise MtpdError(f"checkpoint {path} has no {STATE_FILE}, so its training cannot be resumed: "
                             f"start a new run with another --out")
-        check_weights_match(self.model, path / WEIGHTS_FILE)
-        load_model(self.model, str(path / WEIGHTS_FILE), device=str(self.device))
-        self.load_state_dict(torch.load(path / STATE_FILE, map_location=self.device, weights_only=False))
+        self.parallel.load_weights(path, self.device)
+        self.load_state_dict(_read_trainer_state(path, self.device))
         self.last_save_step = self.step
         return True
 
     def save(self) -> Path:
-        meta = {**self.meta, "loss": dataclasses.asdict(self.loss_cfg), "train": dataclasses.asdict(self.cfg),
-                "state": {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": round(self.elapsed, 1),
-                          "top_n": self.top_n, **{f"eval_{k}": v for k, v in self.last_eval.items()}}}
-        path = save_checkpoint(checkpoint_dir(self.out_dir, self.step), self.model, self.tokenizer, meta,
-                               self.state_dict())
+        """Rank 0 writes the checkpoint while the other ranks wait (under FSDP2 they first help gather it)."""
+        path = checkpoint_dir(self.out_dir, self.step)
+        model, state = self.parallel.model_to_save(), self.state_dict()
+        if self.is_main:
+            meta = {**self.meta, "loss": dataclasses.asdict(self.loss_cfg), "train": dataclasses.asdict(self.cfg),
+                    "state": {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": round(self.elapsed, 1),
+                              "top_n": self.top_n, **{f"eval_{k}": v for k, v in self.last_eval.items()}}}
+            save_checkpoint(path, model, self.tokenizer, meta, state)
+            prune_checkpoints(self.out_dir, self.cfg.keep_checkpoints)
+        distributed.barrier()
         self.last_save_step = self.step
-        prune_checkpoints(self.out_dir, self.cfg.keep_checkpoints)
         return path
 
     # --- the loop -----------------------------------------------------------------------------------------
@@ -319,7 +356,8 @@ class Trainer:
         while not self._budget_reached():
             started = time.perf_counter()
             stats = self.train_step()
-            seconds = time.perf_counter() - started
+            # Rank 0's clock is the run's clock: with a time budget every rank must stop at the same step.
+            seconds = distributed.from_main(time.perf_counter() - started)
             self.elapsed += seconds
             if self.cfg.time_budget is not None and not self.horizon_by_time and self.step - first_step > 1:
                 probe_seconds += seconds
@@ -330,7 +368,7 @@ class Trainer:
             bar.set_postfix(self._postfix(stats, seconds), refresh=False)
             if self.step % 10 == 0:
                 self.log({"event": "train", "step": self.step, "tokens": self.tokens_seen,
-                          "tok_per_s": self.cfg.tokens_per_step / seconds, **stats})
+                          "tok_per_s": self.tokens_per_step / seconds, **stats})
             if self.step % self.cfg.eval_every == 0:
                 self.run_eval()
             if self.step % self.cfg.save_every == 0:
@@ -341,5 +379,13 @@ class Trainer:
         for k in range(1, self.model.num_heads + 1):
             if f"ce{k}" in stats:
                 shown[f"h{k}"] = f"{stats[f'ce{k}']:.2f}/{stats[f'kl{k}']:.2f}"
-        shown["tok/s"] = f"{self.cfg.tokens_per_step / seconds:.0f}"
+        shown["tok/s"] = f"{self.tokens_per_step / seconds:.0f}"
         return shown
+
+
+def _read_trainer_state(checkpoint: Path, device: torch.device) -> dict:
+    try:
+        return torch.load(checkpoint / STATE_FILE, map_location=device, weights_only=False)
+    except Exception as exc:  # a truncated or overwritten file: torch and pickle raise many different types
+        raise MtpdError(f"cannot read {checkpoint / STATE_FILE} ({type(exc).__name__}): the checkpoint is corrupt; "
+                        f"{USE_AN_EARLIER_ONE}") from None

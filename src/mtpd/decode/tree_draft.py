@@ -97,8 +97,9 @@ class TreeDrafter:
 
     def check(self, model: MTPModel, num_heads: int) -> None:
         if not model.main.supports_tree_attention:
-            raise MtpdError(f"tree drafting needs a main model with tree attention (the built-in decoder); "
-                            f"{type(model.main).__name__} supports chain drafting only: drop --tree")
+            raise MtpdError(f"tree drafting needs tree attention in the main model, which only mtpd's built-in "
+                            f"decoder has; this one ({type(model.main).__name__}) drafts chains only, as heads on a "
+                            f"Hugging Face model do: drop --tree")
         if self.depth > num_heads:
             raise MtpdError(f"the draft tree is {self.depth} deep but {num_heads} heads draft: use a tree at most "
                             f"{num_heads} deep, or a checkpoint with more heads")

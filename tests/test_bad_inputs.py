@@ -1,0 +1,186 @@
+"""Bad inputs to `mtpd train` and `mtpd eval`: each gives one `error:` line naming the problem and the fix,
+exit status 2, no traceback, and leaves every existing file as it was."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import SAMPLE_TEXT
+from mtpd.checkpoint import STATE_FILE, TOKENIZER_FILE, WEIGHTS_FILE, list_checkpoints
+from mtpd.cli import main
+from mtpd.data import train_tokenizer
+from test_cli import MICRO, assert_one_line_error, run, snapshot
+
+
+@pytest.fixture(scope="module")
+def pristine_run(tmp_path_factory):
+    """A real 2-step training run (with resume state), trained once for the module and copied per test."""
+    root = tmp_path_factory.mktemp("pristine")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"module_{i}.py").write_text(SAMPLE_TEXT.replace("fibonacci", f"fib_{i}") * 3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MTPD_CACHE", str(root / "cache"))
+        assert main([*["train", *MICRO], "--batch-size", "4", "--data", str(corpus), "--max-steps", "2",
+                     "--out", str(root / "run")]) == 0
+    return root / "run"
+
+
+@pytest.fixture
+def run_dir(pristine_run, tmp_path, capsys):
+    capsys.readouterr()  # the fixture's training output
+    return shutil.copytree(pristine_run, tmp_path / "run")
+
+
+def latest(run_dir):
+    return list_checkpoints(run_dir)[-1][1]
+
+
+def _truncate(file):
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _edit_model_config(checkpoint, **changes):
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["model"].update(changes)
+    (checkpoint / "config.json").write_text(json.dumps(config))
+
+
+def _bigger_tokenizer(checkpoint):
+    train_tokenizer([SAMPLE_TEXT * 20], 400).save(str(checkpoint / TOKENIZER_FILE))
+
+
+# (how the latest checkpoint is damaged, what `eval` says, what `train --resume` says)
+CORRUPTIONS = {
+    "truncated weights": (lambda c: _truncate(c / WEIGHTS_FILE), "model.safetensors", "the checkpoint is corrupt;"),
+    "missing weights": (lambda c: (c / WEIGHTS_FILE).unlink(), "has no model.safetensors", "cannot read"),
+    "garbage config.json": (lambda c: (c / "config.json").write_text("{not json"), "cannot read", "cannot read"),
+    "foreign config.json": (lambda c: (c / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}'),
+                            "not an mtpd checkpoint config", "not an mtpd checkpoint config"),
+    "config of another shape": (lambda c: _edit_model_config(c, d_model=64), "shape mismatch for '",
+                                "shape mismatch for '"),
+    "mistyped config": (lambda c: _edit_model_config(c, n_layers="two"), "model config field 'n_layers' is 'two'",
+                        "model config field 'n_layers' is 'two'"),
+    "vocabulary mismatch": (_bigger_tokenizer, "vocabulary mismatch", "vocabulary mismatch"),
+    "garbage tokenizer.json": (lambda c: (c / TOKENIZER_FILE).write_text("{"), "tokenizer.json (", "tokenizer.json ("),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_eval_of_a_damaged_checkpoint_is_one_line(corruption, run_dir, capsys):
+    damage, fragment, _ = CORRUPTIONS[corruption]
+    damage(latest(run_dir))
+    before = snapshot(run_dir)
+    code, _, err = run(capsys, "eval", "--ckpt", run_dir, "--json", run_dir / "eval.json")
+    assert_one_line_error(code, err, fragment)
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("corruption", [*CORRUPTIONS, "truncated trainer state"])
+def test_resume_from_a_damaged_checkpoint_is_one_line_and_touches_nothing(corruption, run_dir, capsys):
+    if corruption == "truncated trainer state":
+        damage, fragment = (lambda c: _truncate(c / STATE_FILE)), "trainer_state.pt ("
+    else:
+        damage, _, fragment = CORRUPTIONS[corruption]
+    damage(latest(run_dir))
+    before = snapshot(run_dir)
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--max-steps", "4", "--quiet")
+    assert_one_line_error(code, err, fragment)
+    assert snapshot(run_dir) == before
+
+
+def test_corrupt_checkpoint_messages_say_what_to_do(run_dir, capsys):
+    _truncate(latest(run_dir) / WEIGHTS_FILE)
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--max-steps", "4", "--quiet")
+    assert_one_line_error(code, err, "use an earlier checkpoint", "move the corrupt one out of checkpoints/")
+
+
+def test_binary_corpus_is_one_line(tmp_path, capsys):
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 64)
+    code, _, err = run(capsys, "train", *MICRO, "--data", tmp_path / "blob.bin", "--max-steps", "1",
+                       "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "is not UTF-8 text (binary", "pass a UTF-8 text file")
+
+
+def test_empty_corpus_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("  \n")
+    code, _, err = run(capsys, "train", *MICRO, "--data", tmp_path / "empty.txt", "--max-steps", "1",
+                       "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "contains no text", "--data")
+
+
+def test_output_directory_under_a_regular_file_is_one_line(tmp_path, capsys, corpus_dir):
+    # chmod does not stop root from writing, a path through a regular file stops everyone.
+    (tmp_path / "file").write_text("keep me")
+    code, _, err = run(capsys, "train", *MICRO, "--data", corpus_dir, "--max-steps", "1",
+                       "--out", tmp_path / "file" / "run")
+    assert_one_line_error(code, err, "cannot write to output directory", "Not a directory", "choose another --out")
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_eval_json_under_a_regular_file_is_one_line(run_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("keep me")
+    before = snapshot(run_dir)
+    code, _, err = run(capsys, "eval", "--ckpt", run_dir, "--json", tmp_path / "file" / "eval.json")
+    assert_one_line_error(code, err, "cannot write", "choose another --json path")
+    assert (tmp_path / "file").read_text() == "keep me" and snapshot(run_dir) == before
+
+
+def test_eval_on_a_binary_corpus_is_one_line(run_dir, tmp_path, capsys):
+    (tmp_path / "blob.bin").write_bytes(b"\0\1\2" * 1000)
+    code, _, err = run(capsys, "eval", "--ckpt", run_dir, "--data", tmp_path / "blob.bin")
+    assert_one_line_error(code, err, "is not UTF-8 text (binary")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_cuda_requested_without_cuda_is_one_line(command, run_dir, tmp_path, capsys, corpus_dir):
+    before = snapshot(run_dir)
+    args = (["train", *MICRO, "--data", corpus_dir, "--max-steps", "1", "--out", tmp_path / "new"]
+            if command == "train" else ["eval", "--ckpt", run_dir])
+    code, _, err = run(capsys, *args, "--device", "cuda")
+    assert_one_line_error(code, err, "no CUDA device is available", "use --device cpu")
+    assert snapshot(run_dir) == before and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--batch-size", "0"], "--batch-size must be >= 1 (got 0)"),
+    (["--seq-len", "1"], "--seq-len must be >= 2 (got 1)"),
+    (["--lr", "0"], "--lr must be > 0 (got 0.0)"),
+    (["--grad-accum", "0"], "--grad-accum must be >= 1 (got 0)"),
+    (["--time-budget", "-5"], "--time-budget must be > 0 (got -5.0)"),
+    (["--max-tokens", "0"], "--max-tokens must be >= 1 (got 0)"),
+    (["--kl-temperature", "0"], "--kl-temperature must be > 0 (got 0.0)"),
+    (["--top-mass", "1.5"], "--top-mass must be in (0, 1] (got 1.5)"),
+    (["--alpha-lambda", "-1"], "--alpha-lambda must be >= 0 (got -1.0)"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1 (got 0)"),
+    (["--d-model", "30"], "d_model 30 must be divisible by n_heads 4"),
+    (["--fsdp"], "--fsdp shards the model over the processes of a torchrun launch"),
+])
+def test_more_bad_train_numbers_are_one_line_errors(flags, fragment, tmp_path, capsys, corpus_dir):
+    code, _, err = run(capsys, "train", *MICRO, "--data", corpus_dir, "--max-steps", "1", "--out", tmp_path / "run",
+                       *flags)
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "run").exists()  # rejected before any work
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--seq-len", "1"], "--seq-len must be >= 2 (got 1)"),
+    (["--windows", "-3"], "--windows must be >= 1 (got -3)"),
+])
+def test_bad_eval_numbers_are_one_line_errors(flags, fragment, run_dir, capsys):
+    before = snapshot(run_dir)
+    code, _, err = run(capsys, "eval", "--ckpt", run_dir, *flags)
+    assert_one_line_error(code, err, fragment)
+    assert snapshot(run_dir) == before
+
+
+def test_seq_len_beyond_the_context_is_one_line(tmp_path, capsys, corpus_dir):
+    code, _, err = run(capsys, "train", *MICRO, "--data", corpus_dir, "--max-steps", "1", "--out", tmp_path / "run",
+                       "--seq-len", "512")
+    assert_one_line_error(code, err, "--seq-len 512 exceeds the model's context 128: lower --seq-len or raise "
+                                     "--max-seq-len")
+    assert not list_checkpoints(tmp_path / "run")
