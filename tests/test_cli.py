@@ -212,6 +212,7 @@ def test_bench_tree_runs_chain_and_trees_side_by_side(tmp_path, capsys, corpus_d
     calibration = report["tree"]["calibration"]
     assert report["tree"]["drafter"]["shape"] == calibration["shape"] and calibration["nodes"] <= 4
     assert report["tree_dynamic"]["drafter"]["nodes"] == calibration["nodes"]
+    assert report["tree_dynamic"]["drafter"]["depth"] == calibration["depth"]
     assert report["tree_vs_chain"]["mean_accepted_tokens"] > 0
 
 

@@ -61,3 +61,13 @@ def test_calibrate_tree_picks_a_tree_that_pays(uncertain_model):
     assert speculative_generate(uncertain_model, prompts, 24, tree=StaticTree(choice.shape)).tokens == reference
     with pytest.raises(MtpdError, match="--tree-nodes"):
         calibrate_tree(uncertain_model, prompts, 4, max_nodes=1)
+
+
+def test_dynamic_tree_gets_the_static_trees_budget():
+    from mtpd.bench import dynamic_like
+
+    for spec in ("0", "0 0.0", "0 1 0.0 0.1 0.0.0", "0 1 2 0.0 0.1 1.0 2.0 0.0.0 0.0.1 0.1.0 1.0.0 0.0.0.0 0.0.1.0 "
+                                                    "0.1.0.0 1.0.0.0"):
+        shape = TreeShape.parse(spec)
+        dynamic = dynamic_like(shape)
+        assert (dynamic.depth, dynamic.nodes) == (shape.depth, shape.num_nodes)

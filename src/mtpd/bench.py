@@ -245,8 +245,17 @@ def _trees(model, heads: int, cfg: BenchConfig, calibration_prompts: list[list[i
     trees = {"tree": StaticTree(shape)}
     trees["tree"].check(model, heads)
     if cfg.tree_dynamic:
-        trees["tree_dynamic"] = DynamicTree(heads, nodes=shape.num_nodes)
+        trees["tree_dynamic"] = dynamic_like(shape)
     return trees, calibration
+
+
+def dynamic_like(shape: TreeShape) -> DynamicTree:
+    """A dynamic tree with the static tree's budget: as deep, verifying as many nodes; the two most probable
+    nodes per depth expanded, with enough children each that the drafted nodes can fill the budget."""
+    children = 2
+    while DynamicTree(shape.depth, width=2, children=children).max_nodes < shape.num_nodes:
+        children += 1
+    return DynamicTree(shape.depth, width=2, children=children, nodes=shape.num_nodes)
 
 
 def _peer_report(rate: dict, outputs: dict, rule, batch_size: int) -> dict:
