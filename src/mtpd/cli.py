@@ -66,9 +66,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
     b = p.add_argument_group("budget (the first one reached stops training; totals for the run, so with --resume "
                              "they extend it)")
-    b.add_argument("--max-steps", type=int, help="optimizer steps")
-    b.add_argument("--max-tokens", type=int, help="training tokens")
-    b.add_argument("--time-budget", type=float, help="seconds of training (evaluation and checkpoints not counted)")
+    _add_budget_flags(b)
 
     o = p.add_argument_group("optimization")
     o.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (default: 16)")
@@ -102,7 +100,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--eval-windows", type=int, default=32, help="validation sequences per evaluation (default: 32)")
     r.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default: 200)")
     r.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept in the run (default: 2)")
-    r.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    _add_device_flag(r)
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--fsdp", action="store_true", help=FSDP_HELP)
 
@@ -277,6 +275,23 @@ def _write_json(path: str, payload: dict) -> None:
     print(f"wrote {target}")
 
 
+def _add_checkpoint_flags(p, hf: bool = False) -> None:
+    p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    if hf:
+        p.add_argument("--hf", metavar="PATH", help="heads trained on a Hugging Face model: where that model is now, "
+                                                    "if it moved (default: the path recorded at training)")
+
+
+def _add_device_flag(p) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+
+
+def _add_budget_flags(p) -> None:
+    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--max-tokens", type=int, help="training tokens")
+    p.add_argument("--time-budget", type=float, help="seconds of training (evaluation and checkpoints not counted)")
+
+
 def _add_draft_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-threshold", type=float, default=0.0,
                    help="dynamic draft length: stop drafting after a draft its head gave less than this probability "
@@ -310,15 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Teacher-forced evaluation: main-head loss/perplexity, per-head CE, and offline "
                                    "acceptance (how often head k's top-1 equals the main head's top-1 for the "
                                    "same target).")
-    p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
-    p.add_argument("--hf", metavar="PATH", help="heads trained on a Hugging Face model: where that model is now, "
-                                                "if it moved (default: the path recorded at training)")
+    _add_checkpoint_flags(p, hf=True)
     p.add_argument("--data", help="corpus whose validation split to evaluate on (default: the checkpoint's "
                                   "training corpus)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--seq-len", type=int, help="window length (default: the training --seq-len)")
     p.add_argument("--windows", type=int, default=64, help="validation windows (default: 64)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    _add_device_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("extend", help="looped extension: grow trained heads m -> 2m, training only the new ones",
@@ -327,19 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "1..m;\nthe main model and heads 1..m are frozen (bit-identical afterwards) and only "
                                    "the new heads\ntrain, with the checkpoint's objective and optimiser settings. "
                                    "Repeat to grow 1 -> 2 -> 4 -> 8 -> 16.")
-    p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    _add_checkpoint_flags(p)
     p.add_argument("--to", type=int, required=True, help="number of heads afterwards: a multiple of the current m, "
                                                          "usually 2m")
     p.add_argument("--out", required=True, help="run directory of the extension")
     p.add_argument("--data", help="corpus (default: the checkpoint's training corpus)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps")
-    p.add_argument("--max-tokens", type=int, help="training tokens")
-    p.add_argument("--time-budget", type=float, help="seconds of training")
+    _add_budget_flags(p)
     p.add_argument("--fraction", type=float, default=0.2, help="without a budget flag: train on this fraction of the "
                                                                "tokens the main model was pretrained on (default: 0.2, "
                                                                "the paper's 70B of 350B)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted extension in --out")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    _add_device_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--fsdp", action="store_true", help=FSDP_HELP)
     p.set_defaults(func=cmd_extend)
@@ -349,16 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the main model verifies, so the text is exactly what the main model alone would "
                                    "write (greedy: token for token; sampling: the same distribution), only faster. "
                                    "Statistics go to stderr.")
-    p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
-    p.add_argument("--hf", metavar="PATH", help="heads trained on a Hugging Face model: where that model is now, "
-                                                "if it moved (default: the path recorded at training)")
+    _add_checkpoint_flags(p, hf=True)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
     p.add_argument("--heads", type=int, help="draft with the first K heads only (default: all)")
     p.add_argument("--no-spec", action="store_true", help="plain KV-cached autoregressive decoding (the baseline)")
     _add_draft_flags(p)
     _add_sampling_flags(p)
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    _add_device_flag(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="speculative decoding vs autoregressive baselines: speed and acceptance",
@@ -367,9 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "decoding, in one run after warm-up, timed in interleaved rounds. Reports tokens/s, "
                                    "speedups, per-head acceptance and cumulative acceptance, mean accepted tokens, "
                                    "and whether greedy output was identical.")
-    p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
-    p.add_argument("--hf", metavar="PATH", help="heads trained on a Hugging Face model: where that model is now, "
-                                                "if it moved (default: the path recorded at training)")
+    _add_checkpoint_flags(p, hf=True)
     p.add_argument("--prompts", help="text file, one prompt per line (default: slices of the checkpoint's "
                                      "validation split)")
     p.add_argument("--num-prompts", type=int, default=8, help="validation prompts (default: 8)")
@@ -395,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="timed repetitions of every method (default: 2)")
     p.add_argument("--skip-no-cache", action="store_true", help="leave out the slow no-cache baseline")
     p.add_argument("--json", help="write the report (DESIGN §6 fields) to this JSON file")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    _add_device_flag(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("experiment", help="reproduce the paper's findings at small scale: variants, tables, plots",
@@ -418,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="corpus (default: the Python standard library)")
     p.add_argument("--preset", help="override the scale's model preset")
     p.add_argument("--tokens", type=int, help="override the scale's pretraining tokens per variant")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    _add_device_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_experiment)
 
@@ -427,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(config.json, model.safetensors, tokenizer files) that transformers loads with "
                                    "AutoModelForCausalLM / AutoTokenizer, and that `mtpd train --hf` can train heads "
                                    "on. The MTP heads are not exported.")
-    p.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    _add_checkpoint_flags(p)
     p.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
     p.set_defaults(func=cmd_export_hf)
 
@@ -439,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "resumes or reuses the run.")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--time-budget", type=float, default=300, help="seconds of training (default: 300)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    _add_device_flag(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
