@@ -22,6 +22,15 @@ def test_greedy_speculative_equals_greedy_autoregressive(trained_model, num_head
     assert 0.3 < mean_accepted < num_heads  # the test exercises both acceptance and rejection
 
 
+def test_rows_that_finish_with_accepted_drafts_to_spare_stay_in_bounds(trained_model):
+    """Equal-length rows finish at different steps, some overshooting their budget by accepted drafts; the
+    others keep drafting 4 deep. Regression: the finished rows used to draft past the token buffer."""
+    for seed in range(6):
+        prompts = prompts_from(markov_tokens(3000, seed=20 + seed), [8] * 4)
+        reference = autoregressive_generate(trained_model.main, prompts, 13).tokens
+        assert speculative_generate(trained_model, prompts, 13, num_heads=4).tokens == reference
+
+
 @pytest.mark.parametrize("threshold", [0.3, 0.9])
 def test_dynamic_draft_length_stays_lossless_and_drafts_less(trained_model, threshold):
     prompts = prompts_from(markov_tokens(2000, seed=15), [2, 6, 9, 14, 21, 4])

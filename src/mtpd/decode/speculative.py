@@ -74,7 +74,8 @@ def draft(model: MTPModel, heads: HeadState, seq: torch.Tensor, count: torch.Ten
         heads.computed[k] = count - 1
         logits = model.head_logits(k, h[rows, count - 2 - start])
         token, probs = rule.choose(logits, generator)
-        seq[rows, count - 1 + k] = token
+        at = count - 1 + k
+        seq[rows, at] = torch.where(active, token, seq[rows, at])  # finished rows keep their tokens
         drafts.append(token)
         draft_probs.append(probs)
         if threshold > 0 and k < max_drafts:
@@ -114,7 +115,8 @@ class Step:
 
 def chain_step(state: Decoding, max_drafts: int, draft_threshold: float = 0.0) -> Step:
     """Draft a chain with heads 1..max_drafts, verify it in one main-model pass, apply the rule."""
-    main, heads, seq, count = state.model.main, state.heads, state.seq, state.count
+    main, heads, seq = state.model.main, state.heads, state.seq
+    count = _within_bounds(state, max_drafts)
     drafts, draft_probs = draft(state.model, heads, seq, count, max_drafts, state.rule, state.generator,
                                 draft_threshold, state.active)
     D = drafts.shape[1]
@@ -124,6 +126,16 @@ def chain_step(state: Decoding, max_drafts: int, draft_threshold: float = 0.0) -
         _scatter_rows(heads.hidden[0], positions, h0)
     accepted, token = state.rule.verify(drafts, draft_probs, main.logits(h0), state.generator)
     return Step(accepted, token, D, D)
+
+
+def _within_bounds(state: Decoding, max_drafts: int) -> torch.Tensor:
+    """The token counts a step works at. Finished rows still ride along in the batch and may have overshot
+    their budget by up to K accepted drafts; drafting and verifying past that would index beyond the token
+    buffer and the context, so they are cut back (never moved forward, which a cache cannot skip to) to where
+    `max_drafts` more tokens fit. What they compute is discarded: their tokens are masked in `draft`, and
+    `advance` leaves their counts unchanged."""
+    limit = min(state.seq.shape[1], state.model.main.max_seq_len) - max_drafts
+    return torch.where(state.active, state.count, state.count.clamp(max=limit))
 
 
 def advance(state: Decoding, step: Step) -> torch.Tensor:
