@@ -295,7 +295,8 @@ def _add_budget_flags(p) -> None:
 def _add_draft_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-threshold", type=float, default=0.0,
                    help="dynamic draft length: stop drafting after a draft its head gave less than this probability "
-                        "(0 = always draft with every head; default: 0)")
+                        "(0 = always draft with every head, the default: best with up to 4 heads in our measurements; "
+                        "with 8-16 heads try 0.05)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
