@@ -62,6 +62,24 @@ def uncertain_model():
     return train_micro(markov_tokens(20000, seed=1, p_first=0.55), 80)
 
 
+def assert_greedy_lossless(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+                           **speculative) -> list[int]:
+    """Greedy speculative decoding equals greedy autoregressive decoding token for token, one prompt at a time
+    and `batch_size` prompts at a time; returns the drafts accepted per step of the one-at-a-time runs."""
+    from mtpd.decode import autoregressive_generate, speculative_generate
+
+    reference = autoregressive_generate(model.main, prompts, max_new_tokens).tokens
+    accepted = []
+    for prompt, expected in zip(prompts, reference):
+        result = speculative_generate(model, [prompt], max_new_tokens, **speculative)
+        assert result.tokens[0] == expected
+        accepted += result.accepted
+    for start in range(0, len(prompts), batch_size):  # rows of different lengths
+        result = speculative_generate(model, prompts[start:start + batch_size], max_new_tokens, **speculative)
+        assert result.tokens == reference[start:start + batch_size]
+    return accepted
+
+
 def prompts_from(stream: torch.Tensor, lengths: list[int]) -> list[list[int]]:
     out, at = [], 0
     for n in lengths:

@@ -3,21 +3,13 @@ import torch
 
 from mtpd.decode import Greedy, SpeculativeSampling, autoregressive_generate, sampling_probs, speculative_generate
 from mtpd.errors import MtpdError
-from conftest import markov_tokens, prompts_from
+from conftest import assert_greedy_lossless, markov_tokens, prompts_from
 
 
 @pytest.mark.parametrize("num_heads", [1, 2, 4])
 def test_greedy_speculative_equals_greedy_autoregressive(trained_model, num_heads):
     prompts = prompts_from(markov_tokens(2000, seed=5), [1, 3, 4, 7, 9, 12, 15, 20, 2, 30, 5, 11])
-    reference = autoregressive_generate(trained_model.main, prompts, 40).tokens
-    accepted = []
-    for prompt, expected in zip(prompts, reference):  # batch size 1
-        result = speculative_generate(trained_model, [prompt], 40, num_heads=num_heads)
-        assert result.tokens[0] == expected
-        accepted += result.accepted
-    for start in range(0, len(prompts), 3):  # batch size 3, rows of different lengths
-        result = speculative_generate(trained_model, prompts[start:start + 3], 40, num_heads=num_heads)
-        assert result.tokens == reference[start:start + 3]
+    accepted = assert_greedy_lossless(trained_model, prompts, 40, batch_size=3, num_heads=num_heads)
     mean_accepted = sum(accepted) / len(accepted)
     assert 0.3 < mean_accepted < num_heads  # the test exercises both acceptance and rejection
 

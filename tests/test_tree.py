@@ -9,7 +9,7 @@ from mtpd.decode.tree import TreeShape, accept_path, ancestor_matrix, path_nodes
 from mtpd.decode.tree_draft import DynamicTree, StaticTree
 from mtpd.errors import MtpdError
 from mtpd.model import Decoder, MTPModel, TreeAttention
-from conftest import markov_tokens, micro_model, prompts_from
+from conftest import assert_greedy_lossless, markov_tokens, micro_model, prompts_from
 
 SHAPES = {
     "chain": "0 0.0 0.0.0 0.0.0.0",
@@ -177,15 +177,7 @@ def test_head_caches_after_tree_steps_equal_recomputation(uncertain_model, draft
 def test_greedy_tree_decoding_equals_greedy_autoregressive(uncertain_model, trained_model, drafter):
     for model, p_first in ((uncertain_model, 0.55), (trained_model, 0.8)):
         prompts = prompts_from(markov_tokens(2000, seed=5, p_first=p_first), [1, 3, 4, 7, 9, 12, 15, 20, 2, 30, 5, 11])
-        reference = autoregressive_generate(model.main, prompts, 40).tokens
-        accepted = []
-        for prompt, expected in zip(prompts, reference):  # batch size 1
-            result = speculative_generate(model, [prompt], 40, tree=drafter)
-            assert result.tokens[0] == expected
-            accepted += result.accepted
-        for start in range(0, len(prompts), 4):  # batch size 4, rows of different lengths
-            result = speculative_generate(model, prompts[start:start + 4], 40, tree=drafter)
-            assert result.tokens == reference[start:start + 4]
+        accepted = assert_greedy_lossless(model, prompts, 40, batch_size=4, tree=drafter)
         assert 0.3 < sum(accepted) / len(accepted) < drafter.depth
 
 
