@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from mtpd.config import LossConfig
 from mtpd.data import train_tokenizer
 from mtpd.errors import MtpdError
 from mtpd.evaluate import evaluate
-from mtpd.train import Trainer, TrainConfig, learning_rate
+from mtpd.train import PROBE_STEPS, Trainer, TrainConfig, learning_rate
 
 
 
@@ -214,6 +215,23 @@ def test_time_budget_stops_training_and_writes_a_final_checkpoint(tmp_path):
     assert list_checkpoints(tmp_path) == [(trainer.step, checkpoint_dir(tmp_path, trainer.step))]
     state = json.loads((checkpoint_dir(tmp_path, trainer.step) / "config.json").read_text())["state"]
     assert state["step"] == trainer.step and "eval_val_loss" in state
+
+
+def test_time_budget_horizon_is_refitted_when_the_first_steps_were_slow(tmp_path, monkeypatch):
+    """A machine busy during the speed probe must not end the run long before its time is up."""
+    budget, slow_steps = 2.0, 1 + PROBE_STEPS + 2
+    trainer = make_trainer(tmp_path, time_budget=budget)
+    step = trainer.train_step
+
+    def slow_at_first():
+        if trainer.step < slow_steps:
+            time.sleep(0.15)
+        return step()
+
+    monkeypatch.setattr(trainer, "train_step", slow_at_first)
+    trainer.fit()
+    assert trainer.elapsed > 0.8 * budget  # fixed from the probe alone, the run stopped near 1.2 s
+    assert trainer.step > slow_steps + PROBE_STEPS
 
 
 def test_invalid_train_config_values_are_one_line_errors():

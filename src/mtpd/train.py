@@ -16,6 +16,7 @@ the same on all ranks. Rank 0 alone logs and writes checkpoints; the others wait
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -42,8 +43,11 @@ from mtpd.parallel import parallelize
 
 BUDGET_FIELDS = ("max_steps", "max_tokens", "time_budget")
 # With a time budget, the schedule's horizon is fixed from the speed of this many steps (after one warm-up
-# step, whose allocations and first-call overheads would make the estimate too short).
+# step, whose allocations and first-call overheads would make the estimate too short), and refitted as often
+# from the mean speed of the last RECENT_STEPS steps: a machine that was busy during the first steps would
+# otherwise end the run long before its time is up (or, the other way round, cut it short).
 PROBE_STEPS = 4
+RECENT_STEPS = 16
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,6 @@ class Trainer:
         self.tokens_seen = 0
         self.elapsed = 0.0  # seconds spent in training steps, summed over resumed segments
         self.total_steps = self._planned_steps()
-        self.horizon_by_time = False  # True once a time budget has fixed total_steps
         self.top_n = loss_cfg.top_n
         # With a frozen main model its cross-entropy is only reported, not optimised.
         self.objective = dataclasses.replace(loss_cfg, main_weight=0.0) if cfg.freeze_main else loss_cfg
@@ -191,10 +194,11 @@ class Trainer:
         return min(candidates) if candidates else None
 
     def _estimate_total_steps(self, seconds_per_step: float) -> int:
-        """With a time budget, fix the schedule's horizon from the measured speed of the first steps, so the
-        learning rate has decayed when time runs out (also when --max-steps would only be reached later)."""
+        """With a time budget, set the schedule's horizon from the measured seconds per step, so the learning
+        rate has decayed when time runs out (also when --max-steps would only be reached later)."""
         by_time = self.step + int((self.cfg.time_budget - self.elapsed) / seconds_per_step)
-        return max(self.step + 1, by_time if self.total_steps is None else min(self.total_steps, by_time))
+        planned = self._planned_steps()
+        return max(self.step + 1, by_time if planned is None else min(planned, by_time))
 
     def _budget_reached(self) -> bool:
         if self.total_steps is not None and self.step >= self.total_steps:
@@ -272,7 +276,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
-                "total_steps": self.total_steps, "horizon_by_time": self.horizon_by_time, "budget": self.cfg.budget,
+                "total_steps": self.total_steps, "budget": self.cfg.budget,
                 "top_n": self.top_n, "last_eval": self.last_eval, "last_eval_step": self.last_eval_step,
                 "parallelism": self.parallel.name, "optimizer": self.parallel.optimizer_state(self.optimizer),
                 "batches": self.batches.state_dict(),
@@ -292,13 +296,13 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         if state.get("budget", self.cfg.budget) == self.cfg.budget:
-            self.total_steps, self.horizon_by_time = state["total_steps"], state.get("horizon_by_time", False)
+            self.total_steps = state["total_steps"]
         else:
             self._replan()
 
     def _replan(self) -> None:
         """A resumed run given a new budget: the cosine schedule is stretched (or shrunk) to the new end."""
-        self.total_steps, self.horizon_by_time = self._planned_steps(), False
+        self.total_steps = self._planned_steps()
         if self.total_steps is not None and self.total_steps < self.step:
             raise MtpdError(f"the run is already at step {self.step} ({self.tokens_seen:,} tokens), past the new "
                             f"budget of {self.total_steps} steps: pass a larger --max-steps / --max-tokens")
@@ -352,18 +356,18 @@ class Trainer:
         return self.last_eval
 
     def _loop(self, bar: tqdm) -> None:
-        first_step, probe_seconds = self.step, 0.0
+        first_step, recent = self.step, collections.deque(maxlen=RECENT_STEPS)
         while not self._budget_reached():
             started = time.perf_counter()
             stats = self.train_step()
             # Rank 0's clock is the run's clock: with a time budget every rank must stop at the same step.
             seconds = distributed.from_main(time.perf_counter() - started)
             self.elapsed += seconds
-            if self.cfg.time_budget is not None and not self.horizon_by_time and self.step - first_step > 1:
-                probe_seconds += seconds
-                if self.step - first_step == PROBE_STEPS + 1:
-                    self.total_steps = self._estimate_total_steps(probe_seconds / PROBE_STEPS)
-                    self.horizon_by_time, bar.total = True, self.total_steps
+            if self.cfg.time_budget is not None and self.step - first_step > 1:  # not this process's warm-up
+                recent.append(seconds)
+                if len(recent) >= PROBE_STEPS and (self.step - first_step - 1) % PROBE_STEPS == 0:
+                    self.total_steps = self._estimate_total_steps(sum(recent) / len(recent))
+                    bar.total = self.total_steps
             bar.update(1)
             bar.set_postfix(self._postfix(stats, seconds), refresh=False)
             if self.step % 10 == 0:
