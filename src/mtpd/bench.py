@@ -23,6 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 from mtpd.checkpoint import Checkpoint
+from mtpd.config import DRAFT_THRESHOLD
 from mtpd.decode import Greedy, autoregressive_generate, make_rule, speculative_generate
 from mtpd.decode.generation import Generation
 from mtpd.decode.tree import TreeShape
@@ -46,7 +47,7 @@ class BenchConfig:
     rounds: int = 2
     no_cache_baseline: bool = True
     seed: int = 0
-    draft_threshold: float = 0.0  # > 0: dynamic draft length
+    draft_threshold: float = DRAFT_THRESHOLD  # > 0: dynamic draft length; 0: every head drafts
     tree: bool = False  # also decode with a draft tree, side by side with the chain
     tree_shape: str | None = None  # a static tree as rank paths ("0 1 0.0"); None: calibrated
     tree_nodes: int = 16  # calibration tries trees of up to this many nodes (root included)

@@ -25,7 +25,7 @@ import torch
 
 from mtpd.bench import BenchConfig, run_benchmark
 from mtpd.checkpoint import list_checkpoints, load_checkpoint
-from mtpd.config import LossConfig, preset
+from mtpd.config import DRAFT_THRESHOLD, LossConfig, preset
 from mtpd.data import TokenBatches
 from mtpd.errors import MtpdError
 from mtpd.losses import mtp_d_loss
@@ -114,7 +114,7 @@ SCALES: dict[str, Scale] = {
     "quick": Scale("tiny", 150_000, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=20, eval_windows=32,
                    bench_prompts=4, bench_new_tokens=64, cost_probe_steps=4),
     # The reference preset: hours on 2 CPU cores.
-    "full": Scale("small", 1_000_000, draft_threshold=0.3),
+    "full": Scale("small", 1_000_000, draft_threshold=DRAFT_THRESHOLD),
 }
 
 
