@@ -3,6 +3,7 @@
 `ModelConfig` describes the main decoder and its MTP heads (the heads have the same width as the main
 model, so every module has the same shape and a trained one can initialise another). `LossConfig` holds
 the MTP-D objective's weights (DESIGN §2). Presets were chosen from the CPU cost model in DESIGN §9.
+`DRAFT_THRESHOLD` is the measured default of dynamic draft length, shared by the CLI, bench and demo.
 """
 
 from __future__ import annotations
