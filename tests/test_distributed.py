@@ -17,7 +17,8 @@ from mtpd.checkpoint import WEIGHTS_FILE, checkpoint_dir, list_checkpoints
 from mtpd.cli import main
 
 TESTS = Path(__file__).parent
-MICRO = ["--preset", "micro", "--heads", "2", "--vocab-size", "300", "--seq-len", "32", "--quiet"]
+# CPU processes on gloo even where a GPU is present (two processes cannot share one GPU under NCCL).
+MICRO = ["--preset", "micro", "--heads", "2", "--vocab-size", "300", "--seq-len", "32", "--quiet", "--device", "cpu"]
 
 
 def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -76,7 +77,7 @@ def test_torchrun_cli_trains_reports_once_and_resumes(tmp_path, corpus_dir, caps
     assert "2 processes (DDP), global batch 2 x 2 = 4 sequences" in first.stdout
     assert [step for step, _ in list_checkpoints(out)] == [2, 4]
 
-    resumed = torchrun("-m", "mtpd", "train", "--out", out, "--resume", "--max-steps", "6", "--quiet")
+    resumed = torchrun("-m", "mtpd", "train", "--out", out, "--resume", "--max-steps", "6", "--quiet", "--device", "cpu")
     assert resumed.stdout.count("resuming") == 1 and "at step 4" in resumed.stdout, resumed.stdout
     assert [step for step, _ in list_checkpoints(out)] == [4, 6]
     state = json.loads((checkpoint_dir(out, 6) / "config.json").read_text())["state"]

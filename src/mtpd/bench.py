@@ -107,6 +107,7 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
                   calibration_prompts: list[list[int]] | None = None) -> dict:
     """`calibration_prompts`: held-out prompts the tree is calibrated on (with `tree` and no `tree_shape`)."""
     model = checkpoint.model.eval()
+    device = next(model.parameters()).device  # sampling draws from a generator on the model's device
     heads = _heads(model, cfg)
     rule = make_rule(cfg.temperature, cfg.top_k, cfg.top_p)
     batches = _batches(prompts, cfg.batch_size)
@@ -127,7 +128,7 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
         methods |= hf_peer_methods(model.main.model, cfg.max_new_tokens, rule)
 
     for name, generate in methods.items():  # warm-up: first-call allocations, lazy init
-        generate(batches[0], torch.Generator().manual_seed(cfg.seed))
+        generate(batches[0], torch.Generator(device).manual_seed(cfg.seed))
     started = time.perf_counter()
     seconds, cpu_seconds = dict.fromkeys(methods, 0.0), dict.fromkeys(methods, 0.0)
     tokens = dict.fromkeys(methods, 0)
@@ -135,7 +136,7 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
     steps: dict[str, Generation] = {name: Generation([]) for name in methods}  # round 0's per-step records
     for round_index in range(cfg.rounds):
         for name, generate in methods.items():
-            generator = torch.Generator().manual_seed(cfg.seed + round_index)
+            generator = torch.Generator(device).manual_seed(cfg.seed + round_index)
             for batch in batches:
                 t0, c0 = time.perf_counter(), time.process_time()
                 result = generate(batch, generator)
@@ -180,7 +181,7 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
         "model": checkpoint.config.get("model"),
         "checkpoint": str(checkpoint.path),
         "heads": heads,
-        "device": str(next(model.parameters()).device),
+        "device": str(device),
         "device_name": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

@@ -25,13 +25,14 @@ import torch
 
 from mtpd.bench import BenchConfig, run_benchmark
 from mtpd.checkpoint import list_checkpoints, load_checkpoint
+from mtpd.clock import wall_clock
 from mtpd.config import DRAFT_THRESHOLD, LossConfig, preset
 from mtpd.data import TokenBatches
 from mtpd.errors import MtpdError
 from mtpd.losses import mtp_d_loss
 from mtpd.model import MTPModel
 from mtpd.run import benchmark_prompts, extend, pretrain, resolve_device, tokenized_corpus
-from mtpd.train import TrainConfig
+from mtpd.train import TrainConfig, autocast_dtype
 
 
 @dataclass(frozen=True)
@@ -240,18 +241,22 @@ def training_cost(scale: Scale, data_path: str | None = None, device: str = "aut
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batches = TokenBatches(data.train, scale.batch_size, scale.seq_len, seed=0)
     objectives = {"mtp": LossConfig(beta=0.0), "mtpd": LossConfig(top_n=top_n)}
+    autocast = autocast_dtype(scale.train_config(scale.tokens), dev)  # as the variants trained: bf16 on a GPU
+    clock = wall_clock(dev)
     seconds = dict.fromkeys(objectives, 0.0)
     for step in range(scale.cost_probe_steps + 1):  # step 0 warms up
         window = batches.next_batch().to(dev)
         order = list(objectives.items())
         for name, loss_cfg in order if step % 2 else order[::-1]:  # alternate who runs first (warm caches)
-            started = time.perf_counter()
-            main_logits, head_logits = model(window[:, :-1])
-            mtp_d_loss(window, main_logits, head_logits, loss_cfg).total.backward()
+            started = clock()
+            with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
+                main_logits, head_logits = model(window[:, :-1])
+                loss = mtp_d_loss(window, main_logits, head_logits, loss_cfg).total
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if step:
-                seconds[name] += time.perf_counter() - started
+                seconds[name] += clock() - started
     tokens = scale.cost_probe_steps * scale.batch_size * scale.seq_len
     rate = {name: tokens / s for name, s in seconds.items()}
     return {"preset": scale.preset, "heads": heads, "steps": scale.cost_probe_steps, "top_n": top_n,

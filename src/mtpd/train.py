@@ -280,7 +280,8 @@ class Trainer:
                 "top_n": self.top_n, "last_eval": self.last_eval, "last_eval_step": self.last_eval_step,
                 "parallelism": self.parallel.name, "optimizer": self.parallel.optimizer_state(self.optimizer),
                 "batches": self.batches.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
@@ -293,8 +294,11 @@ class Trainer:
                             f"for that: resume it {flag}")
         self.parallel.load_optimizer_state(self.optimizer, state["optimizer"])
         self.batches.load_state_dict(state["batches"])
-        torch.set_rng_state(state["rng"]["torch"])
+        # RNG states are CPU byte tensors, whatever device the trainer state was loaded onto.
+        torch.set_rng_state(state["rng"]["torch"].cpu())
         random.setstate(state["rng"]["python"])
+        if state["rng"].get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
         if state.get("budget", self.cfg.budget) == self.cfg.budget:
             self.total_steps = state["total_steps"]
         else:

@@ -17,13 +17,13 @@ measured step time (`choose_tree`).
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from mtpd.clock import step_clock
 from mtpd.decode.autoregressive import autoregressive_generate
 from mtpd.decode.speculative import speculative_generate
 from mtpd.decode.tree import TreeShape
@@ -121,20 +121,12 @@ def fit_step_cost(shapes: list[TreeShape], measured_ms: list[float]) -> list[flo
     return [max(float(v), 1e-6) for v in (features @ coefficients)[:, 0]]
 
 
-def _clock(device: torch.device) -> Callable[[], float]:
-    """CPU time of this process on the CPU (robust to other processes sharing the cores), wall time on an
-    accelerator (after synchronising)."""
-    if device.type == "cuda":
-        return lambda: (torch.cuda.synchronize(device), time.perf_counter())[1]
-    return time.process_time
-
-
 def measure_step_ms(model: MTPModel, prompt: list[int], num_heads: int, shapes: list[TreeShape],
                     new_tokens: int = 32, rounds: int = 3,
                     progress: Callable[[str], None] | None = None) -> list[float]:
     """Milliseconds per speculative step (drafting, verification, compaction) of each tree: the fastest of
     `rounds` interleaved runs (a step's cost barely depends on what it accepts)."""
-    clock = _clock(next(model.parameters()).device)
+    clock = step_clock(next(model.parameters()).device)
     speculative_generate(model, [prompt], 8, num_heads=num_heads, tree=StaticTree(shapes[-1]))  # warm-up
     best = [float("inf")] * len(shapes)
     for round_index in range(rounds):

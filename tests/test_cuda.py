@@ -1,0 +1,89 @@
+"""The CUDA path: decoding stays lossless, sampling draws on the GPU's generator, training runs in bf16 and its
+checkpoints load anywhere. Skipped on machines without a GPU (CI has none); run on one with
+`pytest tests/test_cuda.py`."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from mtpd.bench import BenchConfig, run_benchmark
+from mtpd.checkpoint import load_checkpoint
+from mtpd.cli import main
+from mtpd.decode import SpeculativeSampling, autoregressive_generate, speculative_generate
+from mtpd.decode.tree import TreeShape
+from mtpd.decode.tree_draft import DynamicTree, StaticTree
+from conftest import assert_greedy_lossless, markov_tokens, prompts_from
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def cuda_model(trained_model):
+    return copy.deepcopy(trained_model).to(CUDA)
+
+
+@pytest.fixture(scope="module")
+def cuda_uncertain_model(uncertain_model):
+    return copy.deepcopy(uncertain_model).to(CUDA)
+
+
+@pytest.mark.parametrize("num_heads", [1, 4])
+def test_greedy_speculative_on_cuda_equals_autoregressive(cuda_model, num_heads):
+    prompts = prompts_from(markov_tokens(2000, seed=5), [1, 3, 4, 7, 9, 12, 15, 20, 2, 30, 5, 11])
+    accepted = assert_greedy_lossless(cuda_model, prompts, 40, batch_size=3, num_heads=num_heads)
+    assert 0.3 < sum(accepted) / len(accepted) < num_heads
+
+
+def test_dynamic_draft_length_on_cuda_is_lossless(cuda_model):
+    prompts = prompts_from(markov_tokens(2000, seed=15), [2, 6, 9, 14, 21, 4])
+    assert_greedy_lossless(cuda_model, prompts, 40, batch_size=3, draft_threshold=0.3)
+
+
+@pytest.mark.parametrize("drafter", [StaticTree(TreeShape.parse("0 1 0.0 0.1 1.0 1.1 0.0.0 0.0.1 0.1.0 0.0.0.0")),
+                                     DynamicTree(depth=4, width=2, children=2, nodes=8)], ids=["static", "dynamic"])
+def test_greedy_tree_on_cuda_equals_autoregressive(cuda_uncertain_model, drafter):
+    prompts = prompts_from(markov_tokens(2000, seed=5, p_first=0.55), [1, 3, 4, 7, 9, 12, 15, 20, 2, 30, 5, 11])
+    accepted = assert_greedy_lossless(cuda_uncertain_model, prompts, 40, batch_size=4, tree=drafter)
+    assert sum(accepted) > 0
+
+
+def test_speculative_sampling_on_cuda_matches_autoregressive_sampling(cuda_model):
+    """Sampling draws from a generator on the GPU, and the 2nd token's distribution matches plain sampling."""
+    prompts = [[5, 17, 3]] * 400
+    rule = SpeculativeSampling(temperature=1.5)
+    spec_g, ar_g = torch.Generator(CUDA).manual_seed(1), torch.Generator(CUDA).manual_seed(2)
+    spec = [t[1] for t in speculative_generate(cuda_model, prompts, 2, rule, generator=spec_g).tokens]
+    ar = [t[1] for t in autoregressive_generate(cuda_model.main, prompts, 2, rule, generator=ar_g).tokens]
+    tokens = sorted({t for t in spec + ar if spec.count(t) + ar.count(t) >= 10})
+    stat = sum((spec.count(t) - ar.count(t)) ** 2 / (spec.count(t) + ar.count(t)) for t in tokens)
+    critical = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88}
+    assert stat < critical.get(len(tokens) - 1, 30.0)
+
+
+def test_train_on_cuda_then_bench_sampling_and_load_on_cpu(tmp_path, corpus_dir, capsys):
+    """`mtpd train --device cuda` (bf16 autocast) learns and resumes, its checkpoint loads on the CPU with the
+    same weights, and `bench` runs on the GPU greedy (identical output) and with sampling."""
+    out = tmp_path / "run"
+    code = main(["train", "--preset", "micro", "--heads", "2", "--vocab-size", "300", "--batch-size", "8",
+                 "--seq-len", "32", "--quiet", "--data", str(corpus_dir), "--max-steps", "40", "--device", "cuda",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r.get("event") == "train"]
+    assert losses[-1] < losses[0]
+    # Resuming on the GPU: the trainer state (RNG states included) was saved from, and loads onto, the GPU.
+    code = main(["train", "--out", str(out), "--resume", "--max-steps", "50", "--device", "cuda", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert load_checkpoint(out).config["state"]["step"] == 50
+    on_gpu, on_cpu = load_checkpoint(out, CUDA), load_checkpoint(out)
+    for (name, a), (_, b) in zip(on_gpu.model.state_dict().items(), on_cpu.model.state_dict().items()):
+        assert torch.equal(a.cpu(), b), name
+    prompts = prompts_from(markov_tokens(500, seed=3), [6, 9])
+    greedy = run_benchmark(on_gpu, prompts, BenchConfig(max_new_tokens=16, rounds=1, no_cache_baseline=False))
+    assert greedy["device"].startswith("cuda") and greedy["identical_to_baseline"]
+    sampled = run_benchmark(on_gpu, prompts, BenchConfig(max_new_tokens=16, rounds=1, no_cache_baseline=False,
+                                                         temperature=1.0))
+    assert sampled["mean_accepted_tokens"] >= 1
