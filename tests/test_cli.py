@@ -178,6 +178,10 @@ def test_generate_speculative_and_plain_print_the_same_text(tmp_path, capsys, co
                            "--no-spec")
     assert code == 0, err
     assert spec == plain and spec  # an untrained model may well write only newlines
+    code, tree, err = run(capsys, "generate", "--ckpt", tmp_path / "run", "--prompt", prompt, "--max-new-tokens", 30,
+                          "--tree-shape", "0 1 0.0 1.0")
+    assert code == 0, err
+    assert tree == plain
 
 
 def test_bench_writes_the_design_report(tmp_path, capsys, corpus_dir):
@@ -246,6 +250,8 @@ def test_bench_reads_prompts_from_a_file(tmp_path, capsys, corpus_dir):
     (["--temperature", "1", "--top-k", "0"], "--top-k must be >= 1"),
     (["--heads", "3"], "--heads 3 is not available: the checkpoint has 2 heads"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--tree-shape", "0 x"], "cannot read tree shape '0 x'"),
+    (["--tree-shape", "0 0.0 0.0.0"], "the draft tree is 3 deep but 2 heads draft"),
 ])
 def test_bad_generate_flags_are_one_line_errors(flags, fragment, tmp_path, capsys, corpus_dir):
     saved_run(tmp_path / "run", corpus_dir)

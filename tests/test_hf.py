@@ -330,13 +330,14 @@ def test_cli_missing_backbone_is_one_line(trained_heads, tmp_path, capsys):
     assert len(err) == 1 and "is not at" in err[0] and "--hf" in err[0]
 
 
-@pytest.mark.parametrize("flags", [["--tree"], ["--tree-shape", "0 1"], ["--tree-dynamic"]])
-def test_cli_bench_tree_on_hf_is_one_line(trained_heads, flags, tmp_path, capsys):
-    """HF backbones have no tree attention: --tree is refused before any work, naming the limit."""
+@pytest.mark.parametrize("command", [["bench", "--tree"], ["bench", "--tree-shape", "0 1"], ["bench", "--tree-dynamic"],
+                                     ["generate", "--prompt", "x", "--tree-shape", "0 1"]])
+def test_cli_tree_on_hf_is_one_line(trained_heads, command, tmp_path, capsys):
+    """HF backbones have no tree attention: tree flags are refused before any work, naming the limit."""
     from mtpd.cli import main
 
     run, _ = trained_heads
-    assert main(["bench", "--ckpt", str(run), "--num-prompts", "1", "--max-new-tokens", "4", *flags]) == 2
+    assert main([command[0], "--ckpt", str(run), "--max-new-tokens", "4", *command[1:]]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]  # beside transformers' loading bar
     assert "Traceback" not in err and len(errors) == 1

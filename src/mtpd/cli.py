@@ -200,7 +200,8 @@ def cmd_generate(args) -> int:
     checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device), args.hf)
     emit = lambda text: print(text, end="", flush=True)  # noqa: E731
     stats = generate_text(checkpoint, args.prompt, args.max_new_tokens, args.heads, not args.no_spec,
-                          args.temperature, args.top_k, args.top_p, args.seed, args.draft_threshold, emit)
+                          args.temperature, args.top_k, args.top_p, args.seed, args.draft_threshold,
+                          args.tree_shape, emit)
     tau = f", {stats['mean_accepted_tokens']:.2f} tokens per main-model pass" if "mean_accepted_tokens" in stats else ""
     print(f"\n[{stats['new_tokens']} tokens in {stats['seconds']:.2f}s: {stats['tokens_per_s']:.1f} tokens/s{tau}]",
           file=sys.stderr)
@@ -366,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
     p.add_argument("--heads", type=int, help="draft with the first K heads only (default: all)")
     p.add_argument("--no-spec", action="store_true", help="plain KV-cached autoregressive decoding (the baseline)")
+    p.add_argument("--tree-shape", help="draft a tree of candidates instead of one chain, as rank paths, e.g. "
+                                        "'0 1 0.0 0.1 0.0.0' (the one `mtpd bench --tree` calibrated is in its "
+                                        "report: tree.drafter.shape); built-in models only")
     _add_draft_flags(p)
     _add_sampling_flags(p)
     _add_device_flag(p)

@@ -26,6 +26,8 @@ from mtpd.data import (Corpus, encode_documents, eos_id, load_corpus, load_or_tr
                        validation_windows)
 from mtpd.decode import autoregressive_generate, make_rule, speculative_generate
 from mtpd.decode.stream import TextStream
+from mtpd.decode.tree import TreeShape
+from mtpd.decode.tree_draft import StaticTree
 from mtpd.errors import MtpdError
 from mtpd.evaluate import evaluate
 from mtpd.metrics import mean_accepted_tokens
@@ -304,8 +306,9 @@ def benchmark_prompts(checkpoint: Checkpoint, prompts_file: str | None = None, n
 def generate_text(checkpoint: Checkpoint, prompt: str, max_new_tokens: int = 200, heads: int | None = None,
                   speculative: bool = True, temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int = 0, draft_threshold: float = 0.0,
-                  emit: Callable[[str], None] = print) -> dict:
-    """Continue `prompt`, streaming text through `emit` as tokens are accepted; stops at EOS.
+                  tree_shape: str | None = None, emit: Callable[[str], None] = print) -> dict:
+    """Continue `prompt`, streaming text through `emit` as tokens are accepted; stops at EOS. `tree_shape`:
+    draft this static tree (rank paths, decode/tree.py) instead of one chain.
 
     Returns statistics: new tokens, seconds, tokens/s and, when speculative, the mean accepted tokens.
     """
@@ -318,13 +321,17 @@ def generate_text(checkpoint: Checkpoint, prompt: str, max_new_tokens: int = 200
     if not 0 <= draft_threshold < 1:
         raise MtpdError(f"--draft-threshold must be in [0, 1) (got {draft_threshold})")
     rule = make_rule(temperature, top_k, top_p)
+    tree = None
+    if tree_shape is not None and speculative:
+        tree = StaticTree(TreeShape.parse(tree_shape))
+        tree.check(model, model.num_heads if heads is None else heads)
     stream = TextStream(tokenizer)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     on_tokens = lambda rows: emit(stream.push(rows[0]))  # noqa: E731 (one row)
     started = time.perf_counter()
     if speculative:
         result = speculative_generate(model, [prompt_ids], max_new_tokens, rule, heads, eos_id(tokenizer),
-                                      generator, on_tokens, draft_threshold)
+                                      generator, on_tokens, draft_threshold, tree)
     else:
         result = autoregressive_generate(model.main, [prompt_ids], max_new_tokens, rule, eos_id(tokenizer),
                                          generator=generator, on_tokens=on_tokens)

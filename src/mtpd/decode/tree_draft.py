@@ -99,7 +99,7 @@ class TreeDrafter:
         if not model.main.supports_tree_attention:
             raise MtpdError(f"tree drafting needs tree attention in the main model, which only mtpd's built-in "
                             f"decoder has; this one ({type(model.main).__name__}) drafts chains only, as heads on a "
-                            f"Hugging Face model do: drop --tree")
+                            f"Hugging Face model do: drop --tree / --tree-shape")
         if self.depth > num_heads:
             raise MtpdError(f"the draft tree is {self.depth} deep but {num_heads} heads draft: use a tree at most "
                             f"{num_heads} deep, or a checkpoint with more heads")
