@@ -3,8 +3,8 @@ import torch
 
 from mtpd.decode import speculative_generate
 from mtpd.decode.tree import TreeShape
-from mtpd.decode.tree_calibration import (best_tree, calibrate_tree, candidate_trees, chain_tau, draft_ranks,
-                                          fit_step_cost, prefix_frequencies)
+from mtpd.decode.tree_calibration import (best_tree, calibrate_tree, candidate_trees, draft_ranks, fit_step_cost,
+                                          prefix_frequencies, walked_tau)
 from mtpd.decode.tree_draft import StaticTree
 from mtpd.errors import MtpdError
 from conftest import markov_tokens, prompts_from
@@ -18,7 +18,6 @@ def test_prefix_frequencies_and_best_tree():
     shape, tau = best_tree(f, 3)
     assert shape.paths == ((0,), (0, 0), (0, 0, 0))
     assert tau == pytest.approx(1 + (5 + 3 + 2) / 8)
-    assert chain_tau(f, 3) == pytest.approx(tau)
     shape, tau = best_tree(f, 5)  # ties at 1/8: shallower nodes first, so every parent is in the tree
     assert shape.paths == ((0,), (1,), (2,), (0, 0), (0, 0, 0))
     trees = candidate_trees(f, max_nodes=5)
@@ -35,16 +34,29 @@ def test_fit_step_cost_is_affine_in_nodes_and_depth():
     assert fit_step_cost(shapes[:2], [1.0, 2.0]) == [1.0, 2.0]
 
 
+def test_walked_tau_replays_the_steps_of_greedy_decoding():
+    """Roots visited: 0, then 0 + accepted + 1, ...; the per-position average would count every root."""
+    ranks = [torch.tensor([[0, 0], [9, 9], [9, 9], [0, 1], [0, 0], [9, 9]])]
+    chain = TreeShape.chain(2)
+    # root 0 accepts 2 -> root 3 accepts 1 (rank 1 at depth 2 is not in a chain) -> root 5 accepts 0
+    assert walked_tau(ranks, chain) == pytest.approx((3 + 2 + 1) / 3)
+    wide = TreeShape.parse("0 0.0 0.1")
+    # root 0 accepts 2 -> root 3 accepts 2 -> root 6: past the end
+    assert walked_tau(ranks, wide) == pytest.approx((3 + 3) / 2)
+    assert walked_tau([ranks[0][:0]], chain) == 1.0
+
+
 def test_draft_ranks_predict_the_measured_acceptance(uncertain_model):
-    """On the calibration prompts themselves, the chain's expected tau from the rank statistics equals the
-    chain decoder's measured tau up to the positions a decode skips (it visits one root per step)."""
+    """On the calibration prompts themselves, the walk over the rank statistics predicts the tau the decoder
+    measures, for the chain and for a tree (up to the last steps, where the decoder drafts less than the
+    tree is deep)."""
     prompts = prompts_from(markov_tokens(3000, seed=5, p_first=0.55), [12, 17, 9, 20, 14, 11])
     ranks = draft_ranks(uncertain_model, prompts, 40, 4)
-    assert ranks.shape[1] == 4 and len(ranks) == sum(40 - 4 for _ in prompts)
-    expected = chain_tau(prefix_frequencies(ranks), 4)
-    result = speculative_generate(uncertain_model, prompts, 40)
-    measured = 1 + sum(result.accepted) / len(result.accepted)
-    assert abs(expected - measured) < 0.5
+    assert len(ranks) == len(prompts) and all(r.shape == (40 - 4, 4) for r in ranks)
+    for shape in (TreeShape.chain(4), TreeShape.parse("0 1 0.0 0.1 1.0 0.0.0 0.0.0.0")):
+        steps = [speculative_generate(uncertain_model, [p], 40, tree=StaticTree(shape)) for p in prompts]
+        measured = 1 + sum(sum(g.accepted) for g in steps) / sum(len(g.accepted) for g in steps)
+        assert abs(walked_tau(ranks, shape) - measured) < 0.05, shape.spec()
 
 
 def test_calibrate_tree_picks_a_tree_that_pays(uncertain_model):
