@@ -3,8 +3,8 @@ import torch
 
 from mtpd.decode import speculative_generate
 from mtpd.decode.tree import TreeShape
-from mtpd.decode.tree_calibration import (best_tree, calibrate_tree, candidate_trees, draft_ranks, fit_step_cost,
-                                          prefix_frequencies, walked_tau)
+from mtpd.decode.tree_calibration import (best_tree, calibrate_chain, calibrate_tree, candidate_trees, draft_ranks,
+                                          fit_step_cost, prefix_frequencies, walked_tau)
 from mtpd.decode.tree_draft import StaticTree
 from mtpd.errors import MtpdError
 from conftest import markov_tokens, prompts_from
@@ -83,3 +83,23 @@ def test_dynamic_tree_gets_the_static_trees_budget():
         shape = TreeShape.parse(spec)
         dynamic = dynamic_like(shape)
         assert (dynamic.depth, dynamic.nodes) == (shape.depth, shape.num_nodes)
+
+
+def test_calibrate_chain_picks_a_number_of_heads_and_bench_drafts_with_it(trained_model):
+    from mtpd.bench import BenchConfig, run_benchmark
+    from mtpd.checkpoint import Checkpoint
+
+    prompts = prompts_from(markov_tokens(3000, seed=7), [12, 17, 9, 20])
+    choice = calibrate_chain(trained_model, prompts, 4, new_tokens=24, rounds=1)
+    assert [c["shape"] for c in choice.report()["candidates"]] == [TreeShape.chain(d).spec() for d in (1, 2, 3, 4)]
+    best = max(choice.candidates, key=lambda c: c["expected_tokens_per_ms"])
+    assert choice.shape.spec() == best["shape"] and choice.step_ms == best["measured_step_ms"]
+
+    checkpoint = Checkpoint("memory", trained_model, None, {})
+    report = run_benchmark(checkpoint, prompts_from(markov_tokens(500, seed=3), [6, 9]),
+                           BenchConfig(max_new_tokens=16, rounds=1, no_cache_baseline=False, auto_heads=True),
+                           calibration_prompts=prompts)
+    assert 1 <= report["heads"] <= 4 and report["heads"] == report["heads_calibration"]["depth"]
+    assert len(report["acceptance_rate"]) == report["heads"] and report["identical_to_baseline"]
+    with pytest.raises(MtpdError, match="--heads auto"):
+        run_benchmark(checkpoint, prompts, BenchConfig(max_new_tokens=4, rounds=1, auto_heads=True))

@@ -27,7 +27,7 @@ from mtpd.config import DRAFT_THRESHOLD
 from mtpd.decode import Greedy, autoregressive_generate, make_rule, speculative_generate
 from mtpd.decode.generation import Generation
 from mtpd.decode.tree import TreeShape
-from mtpd.decode.tree_calibration import calibrate_tree
+from mtpd.decode.tree_calibration import calibrate_chain, calibrate_tree
 from mtpd.decode.tree_draft import DynamicTree, StaticTree
 from mtpd.errors import MtpdError
 from mtpd.metrics import acceptance_rates, cumulative_acceptance, mean_accepted_tokens
@@ -41,6 +41,7 @@ class BenchConfig:
     max_new_tokens: int = 128
     batch_size: int = 1
     num_heads: int | None = None  # None: all of the checkpoint's heads
+    auto_heads: bool = False  # draft with as many heads as calibration finds fastest (calibrate_chain)
     temperature: float = 0.0  # 0: greedy
     top_k: int | None = None
     top_p: float | None = None
@@ -52,7 +53,12 @@ class BenchConfig:
     tree_shape: str | None = None  # a static tree as rank paths ("0 1 0.0"); None: calibrated
     tree_nodes: int = 16  # calibration tries trees of up to this many nodes (root included)
     tree_dynamic: bool = False  # also decode with a dynamic (EAGLE-2) tree of the static tree's node count
-    calibration_prompts: int = 16  # held-out validation prompts for the tree's acceptance statistics
+    calibration_prompts: int = 16  # held-out validation prompts for the tree's or heads' acceptance statistics
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the bench needs calibration prompts: a tree to choose, or the number of heads."""
+        return self.auto_heads or (self.tree and self.tree_shape is None)
 
     def validate(self) -> "BenchConfig":
         checks = [
@@ -108,7 +114,14 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
     """`calibration_prompts`: held-out prompts the tree is calibrated on (with `tree` and no `tree_shape`)."""
     model = checkpoint.model.eval()
     device = next(model.parameters()).device  # sampling draws from a generator on the model's device
-    heads = _heads(model, cfg)
+    heads, heads_calibration = _heads(model, cfg), None
+    if cfg.auto_heads:
+        if not calibration_prompts:
+            raise MtpdError("--heads auto calibrates on validation prompts, and none are available: pass --heads K "
+                            "or a checkpoint whose corpus is available")
+        heads_calibration = calibrate_chain(model, calibration_prompts, model.num_heads, cfg.max_new_tokens,
+                                            progress=progress)
+        heads = heads_calibration.shape.depth
     rule = make_rule(cfg.temperature, cfg.top_k, cfg.top_p)
     batches = _batches(prompts, cfg.batch_size)
     generate_spec = lambda tree: lambda b, g: speculative_generate(  # noqa: E731
@@ -181,6 +194,7 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
         "model": checkpoint.config.get("model"),
         "checkpoint": str(checkpoint.path),
         "heads": heads,
+        "heads_calibration": heads_calibration.report() if heads_calibration else None,
         "device": str(device),
         "device_name": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
@@ -301,6 +315,11 @@ def bench_table(report: dict) -> str:
              f"mean accepted tokens per verification (tau): {report['mean_accepted_tokens']:.3f}   "
              f"efficiency (speedup / tau): {report['efficiency']:.3f}   "
              f"mean draft length: {report['mean_draft_length']:.2f}"]
+    if report.get("heads_calibration"):
+        choice = report["heads_calibration"]
+        lines.append(f"--heads auto: {heads} heads (expected tau {choice['expected_mean_accepted_tokens']:.2f}, "
+                     f"{choice['step_ms']:.1f} ms a step; all {len(choice['candidates'])}: expected tau "
+                     f"{choice['chain_expected_mean_accepted_tokens']:.2f}, {choice['candidates'][-1]['step_ms']:.1f} ms)")
     if report["speedup_vs_no_cache"] is not None:
         lines.append(f"speedup vs no-cache AR (the paper's setting): {report['speedup_vs_no_cache']:.2f}x")
     for name in trees:

@@ -208,12 +208,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _heads_or_auto(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of heads or 'auto', got '{value}'") from None
+
+
 def cmd_bench(args) -> int:
     from mtpd.bench import BenchConfig, bench_table, check_tree, run_benchmark
     from mtpd.checkpoint import load_checkpoint
     from mtpd.run import benchmark_prompts, resolve_device
 
-    cfg = BenchConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, num_heads=args.heads,
+    auto_heads = args.heads == "auto"
+    cfg = BenchConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      num_heads=None if auto_heads else args.heads, auto_heads=auto_heads,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rounds=args.rounds,
                       no_cache_baseline=not args.skip_no_cache, seed=args.seed,
                       draft_threshold=args.draft_threshold, tree=args.tree or args.tree_dynamic or args.tree_shape is not None,
@@ -223,7 +234,7 @@ def cmd_bench(args) -> int:
     check_tree(checkpoint, cfg)  # a backbone without tree attention, a tree deeper than the heads: before any work
     prompts = benchmark_prompts(checkpoint, args.prompts, args.num_prompts, args.prompt_tokens)
     calibration = (benchmark_prompts(checkpoint, None, cfg.calibration_prompts, args.prompt_tokens, offset=0.5)
-                   if cfg.tree and cfg.tree_shape is None else None)
+                   if cfg.calibrates else None)
     report = run_benchmark(checkpoint, prompts, cfg, progress=lambda line: print(line, file=sys.stderr),
                            calibration_prompts=calibration)
     print(bench_table(report))
@@ -388,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=64, help="tokens per validation prompt (default: 64)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default: 1)")
-    p.add_argument("--heads", type=int, help="draft with the first K heads only (default: all)")
+    p.add_argument("--heads", type=_heads_or_auto, help="draft with the first K heads only (default: all); 'auto': "
+                                                         "as many as give the most expected tokens per ms, "
+                                                         "calibrated on held-out validation prompts (greedy "
+                                                         "acceptance, timed chain steps)")
     _add_draft_flags(p)
     _add_sampling_flags(p)
     t = p.add_argument_group("tree drafting: decode with a tree of candidates as well, side by side with the "

@@ -140,20 +140,26 @@ def fit_step_cost(shapes: list[TreeShape], measured_ms: list[float]) -> list[flo
 
 
 def measure_step_ms(model: MTPModel, prompt: list[int], num_heads: int, shapes: list[TreeShape],
-                    new_tokens: int = 32, rounds: int = 3,
-                    progress: Callable[[str], None] | None = None) -> list[float]:
+                    new_tokens: int = 32, rounds: int = 3, progress: Callable[[str], None] | None = None,
+                    chain_decoder: bool = False) -> list[float]:
     """Milliseconds per speculative step (drafting, verification, compaction) of each tree: the fastest of
-    `rounds` interleaved runs (a step's cost barely depends on what it accepts)."""
+    `rounds` interleaved runs (a step's cost barely depends on what it accepts). `chain_decoder`: the shapes
+    are chains, timed with the chain decoder drafting with that many heads (not as trees)."""
+    def run(shape: TreeShape, tokens: int):
+        if chain_decoder:
+            return speculative_generate(model, [prompt], tokens, num_heads=shape.depth)
+        return speculative_generate(model, [prompt], tokens, num_heads=num_heads, tree=StaticTree(shape))
+
     clock = step_clock(next(model.parameters()).device)
-    speculative_generate(model, [prompt], 8, num_heads=num_heads, tree=StaticTree(shapes[-1]))  # warm-up
+    run(shapes[-1], 8)  # warm-up
     best = [float("inf")] * len(shapes)
     for round_index in range(rounds):
         for i, shape in enumerate(shapes):
             start = clock()
-            result = speculative_generate(model, [prompt], new_tokens, num_heads=num_heads, tree=StaticTree(shape))
+            result = run(shape, new_tokens)
             best[i] = min(best[i], (clock() - start) / max(result.steps, 1) * 1e3)
         if progress:
-            progress(f"tree calibration: timing round {round_index + 1}/{rounds}")
+            progress(f"calibration: timing round {round_index + 1}/{rounds}")
     return best
 
 
@@ -161,24 +167,48 @@ def calibrate_tree(model: MTPModel, prompts: list[list[int]], num_heads: int, ma
                    new_tokens: int = 128, rounds: int = 3,
                    progress: Callable[[str], None] | None = None) -> TreeChoice:
     """The static tree for this model and machine: acceptance statistics from greedy continuations of
-    `prompts` (held out from the benchmark's), the best tree of each size up to `max_nodes`, each timed
-    (cost model fitted through the timings); the most expected tokens per millisecond wins."""
+    `prompts` (held out from the benchmark's), the best tree of each size up to `max_nodes` and the chain of
+    each depth, each timed (cost model fitted through the timings); the most expected tokens per millisecond
+    wins."""
     if max_nodes < 2:
         raise MtpdError(f"--tree-nodes must be >= 2: the root and at least one draft (got {max_nodes})")
-    if progress:
-        progress(f"tree calibration: greedy continuations of {len(prompts)} validation prompts")
-    ranks = draft_ranks(model, prompts, new_tokens, num_heads)
-    frequencies = prefix_frequencies(torch.cat(ranks))
-    shapes = [shape for shape, _ in candidate_trees(frequencies, max_nodes)]
+    ranks = _ranks(model, prompts, new_tokens, num_heads, progress)
+    shapes = [shape for shape, _ in candidate_trees(prefix_frequencies(torch.cat(ranks)), max_nodes)]
     shapes += [chain for chain in (TreeShape.chain(d) for d in range(1, min(num_heads, max_nodes - 1) + 1))
                if chain not in shapes]
     shapes.sort(key=lambda shape: (shape.num_nodes, shape.depth))
-    taus = [walked_tau(ranks, shape) for shape in shapes]
     measured = measure_step_ms(model, prompts[0], num_heads, shapes, rounds=rounds, progress=progress)
-    fitted = fit_step_cost(shapes, measured)
+    return _choose(ranks, shapes, measured, fit_step_cost(shapes, measured), num_heads)
+
+
+def calibrate_chain(model: MTPModel, prompts: list[list[int]], num_heads: int, new_tokens: int = 128,
+                    rounds: int = 3, progress: Callable[[str], None] | None = None) -> TreeChoice:
+    """How many heads the chain decoder should draft with on this model and machine: every depth
+    1..num_heads, its mean accepted tokens per step from the same statistics, its step time measured with
+    the chain decoder; the most expected tokens per millisecond wins. Heads 1..d of a looped model are those
+    of the d-head model it grew from, so with this choice more heads never draft slower than fewer (up to
+    the timing noise)."""
+    ranks = _ranks(model, prompts, new_tokens, num_heads, progress)
+    chains = [TreeShape.chain(d) for d in range(1, num_heads + 1)]
+    measured = measure_step_ms(model, prompts[0], num_heads, chains, rounds=rounds, progress=progress,
+                               chain_decoder=True)
+    return _choose(ranks, chains, measured, measured, num_heads)
+
+
+def _ranks(model: MTPModel, prompts: list[list[int]], new_tokens: int, num_heads: int,
+           progress: Callable[[str], None] | None) -> list[torch.Tensor]:
+    if progress:
+        progress(f"calibration: greedy continuations of {len(prompts)} validation prompts")
+    return draft_ranks(model, prompts, new_tokens, num_heads)
+
+
+def _choose(ranks: list[torch.Tensor], shapes: list[TreeShape], measured: list[float], cost_ms: list[float],
+            num_heads: int) -> TreeChoice:
+    """The shape with the most expected tokens (walked) per millisecond of `cost_ms`; every candidate reported."""
+    taus = [walked_tau(ranks, shape) for shape in shapes]
     candidates = [{"nodes": shape.num_nodes, "shape": shape.spec(), "expected_mean_accepted_tokens": tau,
-                   "measured_step_ms": ms, "step_ms": fit, "expected_tokens_per_ms": tau / fit}
-                  for shape, tau, ms, fit in zip(shapes, taus, measured, fitted)]
+                   "measured_step_ms": ms, "step_ms": cost, "expected_tokens_per_ms": tau / cost}
+                  for shape, tau, ms, cost in zip(shapes, taus, measured, cost_ms)]
     best = max(range(len(shapes)), key=lambda i: candidates[i]["expected_tokens_per_ms"])
-    return TreeChoice(shapes[best], taus[best], fitted[best], walked_tau(ranks, TreeShape.chain(num_heads)),
+    return TreeChoice(shapes[best], taus[best], cost_ms[best], walked_tau(ranks, TreeShape.chain(num_heads)),
                       sum(len(rows) for rows in ranks), candidates)
