@@ -201,9 +201,12 @@ class Trainer:
         return max(self.step + 1, by_time if planned is None else min(planned, by_time))
 
     def _budget_reached(self) -> bool:
-        if self.total_steps is not None and self.step >= self.total_steps:
-            return True
-        return self.cfg.time_budget is not None and self.elapsed >= self.cfg.time_budget
+        if self.cfg.time_budget is None:
+            return self.total_steps is not None and self.step >= self.total_steps
+        # With a time budget the estimated horizon only shapes the schedule (it is refitted as speed changes):
+        # the run ends when the time is up, or at --max-steps / --max-tokens if given as well.
+        planned = self._planned_steps()
+        return self.elapsed >= self.cfg.time_budget or (planned is not None and self.step >= planned)
 
     # --- one optimisation step ----------------------------------------------------------------------------
     def loss(self, window: torch.Tensor) -> LossTerms:
@@ -351,8 +354,7 @@ class Trainer:
         with tqdm(total=self.total_steps, initial=self.step, disable=not self.show_progress, unit="step",
                   dynamic_ncols=True, desc="train") as bar:
             self._loop(bar)
-        if self.total_steps is None or self.step < self.total_steps:  # stopped by the time budget
-            self.total_steps = self.step
+        self.total_steps = self.step  # where the run ended (a time budget ends it wherever the time ran out)
         if self.last_eval_step != self.step:
             self.run_eval()
         if self.last_save_step != self.step:
@@ -369,7 +371,8 @@ class Trainer:
             self.elapsed += seconds
             if self.cfg.time_budget is not None and self.step - first_step > 1:  # not this process's warm-up
                 recent.append(seconds)
-                if len(recent) >= PROBE_STEPS and (self.step - first_step - 1) % PROBE_STEPS == 0:
+                refit = (self.step - first_step - 1) % PROBE_STEPS == 0 or self.step >= (self.total_steps or 0)
+                if len(recent) >= PROBE_STEPS and refit:
                     self.total_steps = self._estimate_total_steps(sum(recent) / len(recent))
                     bar.total = self.total_steps
             bar.update(1)

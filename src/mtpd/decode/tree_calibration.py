@@ -172,12 +172,13 @@ def calibrate_tree(model: MTPModel, prompts: list[list[int]], num_heads: int, ma
     wins."""
     if max_nodes < 2:
         raise MtpdError(f"--tree-nodes must be >= 2: the root and at least one draft (got {max_nodes})")
-    ranks = _ranks(model, prompts, new_tokens, num_heads, progress)
+    report = progress and (lambda line: progress(f"tree {line}"))  # noqa: E731
+    ranks = _ranks(model, prompts, new_tokens, num_heads, report)
     shapes = [shape for shape, _ in candidate_trees(prefix_frequencies(torch.cat(ranks)), max_nodes)]
     shapes += [chain for chain in (TreeShape.chain(d) for d in range(1, min(num_heads, max_nodes - 1) + 1))
                if chain not in shapes]
     shapes.sort(key=lambda shape: (shape.num_nodes, shape.depth))
-    measured = measure_step_ms(model, prompts[0], num_heads, shapes, rounds=rounds, progress=progress)
+    measured = measure_step_ms(model, prompts[0], num_heads, shapes, rounds=rounds, progress=report)
     return _choose(ranks, shapes, measured, fit_step_cost(shapes, measured), num_heads)
 
 
@@ -188,9 +189,10 @@ def calibrate_chain(model: MTPModel, prompts: list[list[int]], num_heads: int, n
     the chain decoder; the most expected tokens per millisecond wins. Heads 1..d of a looped model are those
     of the d-head model it grew from, so with this choice more heads never draft slower than fewer (up to
     the timing noise)."""
-    ranks = _ranks(model, prompts, new_tokens, num_heads, progress)
+    report = progress and (lambda line: progress(f"heads {line}"))  # noqa: E731
+    ranks = _ranks(model, prompts, new_tokens, num_heads, report)
     chains = [TreeShape.chain(d) for d in range(1, num_heads + 1)]
-    measured = measure_step_ms(model, prompts[0], num_heads, chains, rounds=rounds, progress=progress,
+    measured = measure_step_ms(model, prompts[0], num_heads, chains, rounds=rounds, progress=report,
                                chain_decoder=True)
     return _choose(ranks, chains, measured, measured, num_heads)
 
