@@ -3,8 +3,9 @@ import torch
 
 from mtpd.decode import speculative_generate
 from mtpd.decode.tree import TreeShape
-from mtpd.decode.tree_calibration import (best_tree, calibrate_chain, calibrate_tree, candidate_trees, draft_ranks,
-                                          fit_step_cost, prefix_frequencies, walked_tau)
+from mtpd.decode.tree_calibration import (DraftStatistics, best_tree, calibrate_chain, calibrate_tree, candidate_trees,
+                                          draft_statistics, fit_step_cost, prefix_frequencies, walked_chain,
+                                          walked_tau)
 from mtpd.decode.tree_draft import StaticTree
 from mtpd.errors import MtpdError
 from conftest import markov_tokens, prompts_from
@@ -36,27 +37,48 @@ def test_fit_step_cost_is_affine_in_nodes_and_depth():
 
 def test_walked_tau_replays_the_steps_of_greedy_decoding():
     """Roots visited: 0, then 0 + accepted + 1, ...; the per-position average would count every root."""
-    ranks = [torch.tensor([[0, 0], [9, 9], [9, 9], [0, 1], [0, 0], [9, 9]])]
+    ranks = torch.tensor([[0, 0], [9, 9], [9, 9], [0, 1], [0, 0], [9, 9]])
+    stats = DraftStatistics([ranks], [torch.full(ranks.shape, 0.5)])
     chain = TreeShape.chain(2)
     # root 0 accepts 2 -> root 3 accepts 1 (rank 1 at depth 2 is not in a chain) -> root 5 accepts 0
-    assert walked_tau(ranks, chain) == pytest.approx((3 + 2 + 1) / 3)
+    assert walked_tau(stats, chain) == pytest.approx((3 + 2 + 1) / 3)
     wide = TreeShape.parse("0 0.0 0.1")
     # root 0 accepts 2 -> root 3 accepts 2 -> root 6: past the end
-    assert walked_tau(ranks, wide) == pytest.approx((3 + 3) / 2)
-    assert walked_tau([ranks[0][:0]], chain) == 1.0
+    assert walked_tau(stats, wide) == pytest.approx((3 + 3) / 2)
+    assert walked_tau(DraftStatistics([ranks[:0]], [ranks[:0]]), chain) == 1.0
+    assert walked_chain(stats, 2) == pytest.approx((walked_tau(stats, chain), 2.0))
 
 
-def test_draft_ranks_predict_the_measured_acceptance(uncertain_model):
-    """On the calibration prompts themselves, the walk over the rank statistics predicts the tau the decoder
-    measures, for the chain and for a tree (up to the last steps, where the decoder drafts less than the
-    tree is deep)."""
+def test_walked_chain_stops_drafting_below_the_threshold():
+    ranks = torch.tensor([[0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]])
+    probs = torch.tensor([[0.9, 0.2, 0.9], [0.9, 0.9, 0.9], [0.9, 0.9, 0.9], [0.1, 0.9, 0.9]])
+    stats = DraftStatistics([ranks], [probs])
+    # threshold 0.5: root 0 drafts 2 (the second is below), accepts 2 -> root 3 drafts 1, accepts 1 -> end
+    assert walked_chain(stats, 3, threshold=0.5) == pytest.approx(((3 + 2) / 2, (2 + 1) / 2))
+    assert walked_chain(stats, 3, threshold=0.0) == pytest.approx((4.0, 3.0))  # root 0 accepts 3; root 4: the end
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_walks_predict_what_the_decoder_measures(uncertain_model, threshold):
+    """On the calibration prompts themselves, the walk over the statistics predicts the decoder's measured
+    tau, for the chain (with and without dynamic draft length) and a tree (up to the last steps, where the
+    decoder drafts less than the tree is deep)."""
     prompts = prompts_from(markov_tokens(3000, seed=5, p_first=0.55), [12, 17, 9, 20, 14, 11])
-    ranks = draft_ranks(uncertain_model, prompts, 40, 4)
-    assert len(ranks) == len(prompts) and all(r.shape == (40 - 4, 4) for r in ranks)
-    for shape in (TreeShape.chain(4), TreeShape.parse("0 1 0.0 0.1 1.0 0.0.0 0.0.0.0")):
-        steps = [speculative_generate(uncertain_model, [p], 40, tree=StaticTree(shape)) for p in prompts]
-        measured = 1 + sum(sum(g.accepted) for g in steps) / sum(len(g.accepted) for g in steps)
-        assert abs(walked_tau(ranks, shape) - measured) < 0.05, shape.spec()
+    stats = draft_statistics(uncertain_model, prompts, 40, 4)
+    assert len(stats.ranks) == len(prompts) and all(r.shape == (40 - 4, 4) for r in stats.ranks)
+    assert all(0 < float(p.min()) and float(p.max()) <= 1 for p in stats.top_probs)
+
+    def measured(**speculative):
+        steps = [speculative_generate(uncertain_model, [p], 40, **speculative) for p in prompts]
+        n = sum(len(g.accepted) for g in steps)
+        return 1 + sum(sum(g.accepted) for g in steps) / n, sum(sum(g.drafted) for g in steps) / n
+
+    tau, drafts = walked_chain(stats, 4, threshold)
+    expected_tau, expected_drafts = measured(draft_threshold=threshold)
+    assert abs(tau - expected_tau) < 0.05 and abs(drafts - expected_drafts) < 0.3
+    if threshold == 0.0:
+        tree = TreeShape.parse("0 1 0.0 0.1 1.0 0.0.0 0.0.0.0")
+        assert abs(walked_tau(stats, tree) - measured(tree=StaticTree(tree))[0]) < 0.05
 
 
 def test_calibrate_tree_picks_a_tree_that_pays(uncertain_model):
@@ -90,10 +112,11 @@ def test_calibrate_chain_picks_a_number_of_heads_and_bench_drafts_with_it(traine
     from mtpd.checkpoint import Checkpoint
 
     prompts = prompts_from(markov_tokens(3000, seed=7), [12, 17, 9, 20])
-    choice = calibrate_chain(trained_model, prompts, 4, new_tokens=24, rounds=1)
+    choice = calibrate_chain(trained_model, prompts, 4, threshold=0.05, new_tokens=24, rounds=1)
     assert [c["shape"] for c in choice.report()["candidates"]] == [TreeShape.chain(d).spec() for d in (1, 2, 3, 4)]
     best = max(choice.candidates, key=lambda c: c["expected_tokens_per_ms"])
-    assert choice.shape.spec() == best["shape"] and choice.step_ms == best["measured_step_ms"]
+    assert choice.shape.spec() == best["shape"] and choice.step_ms == best["step_ms"]
+    assert [c["mean_draft_length"] for c in choice.candidates] == sorted(c["mean_draft_length"] for c in choice.candidates)
 
     checkpoint = Checkpoint("memory", trained_model, None, {})
     report = run_benchmark(checkpoint, prompts_from(markov_tokens(500, seed=3), [6, 9]),

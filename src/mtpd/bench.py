@@ -119,8 +119,8 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
         if not calibration_prompts:
             raise MtpdError("--heads auto calibrates on validation prompts, and none are available: pass --heads K "
                             "or a checkpoint whose corpus is available")
-        heads_calibration = calibrate_chain(model, calibration_prompts, model.num_heads, cfg.max_new_tokens,
-                                            progress=progress)
+        heads_calibration = calibrate_chain(model, calibration_prompts, model.num_heads, cfg.draft_threshold,
+                                            cfg.max_new_tokens, progress=progress)
         heads = heads_calibration.shape.depth
     rule = make_rule(cfg.temperature, cfg.top_k, cfg.top_p)
     batches = _batches(prompts, cfg.batch_size)

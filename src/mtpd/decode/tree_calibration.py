@@ -37,14 +37,27 @@ from mtpd.errors import MtpdError
 from mtpd.model import MTPModel
 
 
+@dataclass
+class DraftStatistics:
+    """Per held-out greedy continuation, one row per root position n, in order: `ranks` [M, D], the rank of
+    the greedy token seq[n+j] under head j, and `top_probs` [M, D], head j's probability for its own top
+    token there (what the draft threshold compares), both teacher-forced along the greedy path."""
+
+    ranks: list[torch.Tensor]
+    top_probs: list[torch.Tensor]
+
+    @property
+    def positions(self) -> int:
+        return sum(len(rows) for rows in self.ranks)
+
+
 @torch.no_grad()
-def draft_ranks(model: MTPModel, prompts: list[list[int]], new_tokens: int, depth: int,
-                max_rank: int = 16) -> list[torch.Tensor]:
-    """Per prompt, rank vectors [M, depth] of the greedy tokens under heads 1..depth, one per root position
-    of the prompt's greedy continuation, in order (ranks >= max_rank are stored as max_rank: never in a
-    tree)."""
+def draft_statistics(model: MTPModel, prompts: list[list[int]], new_tokens: int, depth: int,
+                     max_rank: int = 16) -> DraftStatistics:
+    """Rank and top-probability statistics of heads 1..depth over the greedy continuations of `prompts`
+    (ranks >= max_rank are stored as max_rank: never in a tree)."""
     continuations = autoregressive_generate(model.main, prompts, new_tokens).tokens
-    ranks = []
+    ranks, top_probs = [], []
     device = next(model.parameters()).device
     for prompt, continuation in zip(prompts, continuations):
         sequence = torch.tensor([prompt + continuation], device=device)
@@ -53,24 +66,26 @@ def draft_ranks(model: MTPModel, prompts: list[list[int]], new_tokens: int, dept
         roots = torch.arange(P, T - depth, device=device)  # the drafts seq[n+1..n+depth] are greedy tokens
         if len(roots) == 0:
             continue
-        per_depth = []
+        per_depth, probs = [], []
         for j in range(1, depth + 1):
-            logits = head_logits[j - 1][0, roots - 1]  # head j at position n-1 predicts seq[n+j]
+            logits = head_logits[j - 1][0, roots - 1].float()  # head j at position n-1 predicts seq[n+j]
             target = logits.gather(-1, sequence[0, roots + j, None])
             per_depth.append((logits > target).sum(-1).clamp_max(max_rank))
+            probs.append(logits.softmax(-1).amax(-1))
         ranks.append(torch.stack(per_depth, -1).cpu())
+        top_probs.append(torch.stack(probs, -1).cpu())
     if not ranks:
         raise MtpdError("no calibration positions: use longer calibration continuations")
-    return ranks
+    return DraftStatistics(ranks, top_probs)
 
 
-def walked_tau(ranks: list[torch.Tensor], shape: TreeShape) -> float:
+def walked_tau(stats: DraftStatistics, shape: TreeShape) -> float:
     """Mean accepted tokens per step that greedy decoding with `shape` gets on the continuations behind
-    `ranks` (draft_ranks): from each continuation's first root, a step at root n accepts the deepest path of
-    the tree that R[n] starts with, and the next root is n + accepted + 1."""
+    `stats`: from each continuation's first root, a step at root n accepts the deepest path of the tree that
+    R[n] starts with, and the next root is n + accepted + 1."""
     paths = set(shape.paths)
     tokens = steps = 0
-    for rows in ranks:
+    for rows in stats.ranks:
         rows, n = rows.tolist(), 0
         while n < len(rows):
             accepted = 0
@@ -78,6 +93,28 @@ def walked_tau(ranks: list[torch.Tensor], shape: TreeShape) -> float:
                 accepted += 1
             tokens, steps, n = tokens + accepted + 1, steps + 1, n + accepted + 1
     return tokens / steps if steps else 1.0
+
+
+def walked_chain(stats: DraftStatistics, max_drafts: int, threshold: float = 0.0) -> tuple[float, float]:
+    """(mean accepted tokens per step, mean drafts per step) of greedy chain decoding with up to `max_drafts`
+    heads and dynamic draft length: a step drafts until a head's top probability falls below `threshold`
+    (that draft included, as the decoder does) and accepts the drafts up to the first mismatch. Past a
+    mismatch the drafts' probabilities are read along the greedy path, not the drafted one: the number of
+    drafts (the cost) is approximate there, the accepted tokens are exact."""
+    tokens = steps = drafts = 0
+    for rows, probs in zip(stats.ranks, stats.top_probs):
+        rows, probs, n = rows.tolist(), probs.tolist(), 0
+        while n < len(rows):
+            drafted = 0
+            while drafted < max_drafts:
+                drafted += 1
+                if probs[n][drafted - 1] < threshold:
+                    break
+            accepted = 0
+            while accepted < drafted and rows[n][accepted] == 0:
+                accepted += 1
+            tokens, steps, drafts, n = tokens + accepted + 1, steps + 1, drafts + drafted, n + accepted + 1
+    return (tokens / steps, drafts / steps) if steps else (1.0, 0.0)
 
 
 def prefix_frequencies(ranks: torch.Tensor, max_rank: int = 16) -> dict[tuple[int, ...], float]:
@@ -173,44 +210,57 @@ def calibrate_tree(model: MTPModel, prompts: list[list[int]], num_heads: int, ma
     if max_nodes < 2:
         raise MtpdError(f"--tree-nodes must be >= 2: the root and at least one draft (got {max_nodes})")
     report = progress and (lambda line: progress(f"tree {line}"))  # noqa: E731
-    ranks = _ranks(model, prompts, new_tokens, num_heads, report)
-    shapes = [shape for shape, _ in candidate_trees(prefix_frequencies(torch.cat(ranks)), max_nodes)]
+    stats = _statistics(model, prompts, new_tokens, num_heads, report)
+    shapes = [shape for shape, _ in candidate_trees(prefix_frequencies(torch.cat(stats.ranks)), max_nodes)]
     shapes += [chain for chain in (TreeShape.chain(d) for d in range(1, min(num_heads, max_nodes - 1) + 1))
                if chain not in shapes]
     shapes.sort(key=lambda shape: (shape.num_nodes, shape.depth))
     measured = measure_step_ms(model, prompts[0], num_heads, shapes, rounds=rounds, progress=report)
-    return _choose(ranks, shapes, measured, fit_step_cost(shapes, measured), num_heads)
+    fitted = fit_step_cost(shapes, measured)
+    candidates = [{"nodes": shape.num_nodes, "shape": shape.spec(), "expected_mean_accepted_tokens": tau,
+                   "measured_step_ms": ms, "step_ms": fit, "expected_tokens_per_ms": tau / fit}
+                  for shape, tau, ms, fit in zip(shapes, (walked_tau(stats, s) for s in shapes), measured, fitted)]
+    return _best(shapes, candidates, walked_tau(stats, TreeShape.chain(num_heads)), stats)
 
 
-def calibrate_chain(model: MTPModel, prompts: list[list[int]], num_heads: int, new_tokens: int = 128,
-                    rounds: int = 3, progress: Callable[[str], None] | None = None) -> TreeChoice:
-    """How many heads the chain decoder should draft with on this model and machine: every depth
-    1..num_heads, its mean accepted tokens per step from the same statistics, its step time measured with
-    the chain decoder; the most expected tokens per millisecond wins. Heads 1..d of a looped model are those
+def calibrate_chain(model: MTPModel, prompts: list[list[int]], num_heads: int, threshold: float = 0.0,
+                    new_tokens: int = 128, rounds: int = 3,
+                    progress: Callable[[str], None] | None = None) -> TreeChoice:
+    """How many heads the chain decoder should draft with on this model and machine, with dynamic draft
+    length at `threshold`: for every cap 1..num_heads, the mean accepted tokens and drafts per step from the
+    same statistics (`walked_chain`), a step's cost a + b * drafts fitted through the chain decoder timed at
+    every fixed depth; the most expected tokens per millisecond wins. Heads 1..d of a looped model are those
     of the d-head model it grew from, so with this choice more heads never draft slower than fewer (up to
-    the timing noise)."""
+    the timing noise and the prompts' differences)."""
     report = progress and (lambda line: progress(f"heads {line}"))  # noqa: E731
-    ranks = _ranks(model, prompts, new_tokens, num_heads, report)
+    stats = _statistics(model, prompts, new_tokens, num_heads, report)
     chains = [TreeShape.chain(d) for d in range(1, num_heads + 1)]
     measured = measure_step_ms(model, prompts[0], num_heads, chains, rounds=rounds, progress=report,
                                chain_decoder=True)
-    return _choose(ranks, chains, measured, measured, num_heads)
+    features = torch.tensor([[1.0, d] for d in range(1, num_heads + 1)], dtype=torch.float64)
+    if num_heads >= 3:  # ms = a + b * drafts, least squares (the timings of a busy machine are noisy)
+        a, b = torch.linalg.lstsq(features, torch.tensor(measured, dtype=torch.float64)[:, None]).solution[:, 0].tolist()
+    else:
+        a, b = measured[0], (measured[-1] - measured[0]) / max(num_heads - 1, 1)
+    candidates = []
+    for d, ms in enumerate(measured, start=1):
+        tau, drafts = walked_chain(stats, d, threshold)
+        cost = max(a + b * drafts, 1e-6)
+        candidates.append({"nodes": d + 1, "shape": TreeShape.chain(d).spec(), "expected_mean_accepted_tokens": tau,
+                           "mean_draft_length": drafts, "measured_step_ms": ms, "step_ms": cost,
+                           "expected_tokens_per_ms": tau / cost})
+    return _best(chains, candidates, walked_chain(stats, num_heads, threshold)[0], stats)
 
 
-def _ranks(model: MTPModel, prompts: list[list[int]], new_tokens: int, num_heads: int,
-           progress: Callable[[str], None] | None) -> list[torch.Tensor]:
+def _statistics(model: MTPModel, prompts: list[list[int]], new_tokens: int, num_heads: int,
+                progress: Callable[[str], None] | None) -> DraftStatistics:
     if progress:
         progress(f"calibration: greedy continuations of {len(prompts)} validation prompts")
-    return draft_ranks(model, prompts, new_tokens, num_heads)
+    return draft_statistics(model, prompts, new_tokens, num_heads)
 
 
-def _choose(ranks: list[torch.Tensor], shapes: list[TreeShape], measured: list[float], cost_ms: list[float],
-            num_heads: int) -> TreeChoice:
-    """The shape with the most expected tokens (walked) per millisecond of `cost_ms`; every candidate reported."""
-    taus = [walked_tau(ranks, shape) for shape in shapes]
-    candidates = [{"nodes": shape.num_nodes, "shape": shape.spec(), "expected_mean_accepted_tokens": tau,
-                   "measured_step_ms": ms, "step_ms": cost, "expected_tokens_per_ms": tau / cost}
-                  for shape, tau, ms, cost in zip(shapes, taus, measured, cost_ms)]
+def _best(shapes: list[TreeShape], candidates: list[dict], all_heads_tau: float, stats: DraftStatistics) -> TreeChoice:
+    """The candidate with the most expected tokens per millisecond; every candidate reported."""
     best = max(range(len(shapes)), key=lambda i: candidates[i]["expected_tokens_per_ms"])
-    return TreeChoice(shapes[best], taus[best], cost_ms[best], walked_tau(ranks, TreeShape.chain(num_heads)),
-                      sum(len(rows) for rows in ranks), candidates)
+    return TreeChoice(shapes[best], candidates[best]["expected_mean_accepted_tokens"], candidates[best]["step_ms"],
+                      all_heads_tau, stats.positions, candidates)
