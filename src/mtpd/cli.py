@@ -82,8 +82,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
     l = p.add_argument_group("MTP-D objective (DESIGN §2)")
     l.add_argument("--beta", type=float, help="KL weight per head; 0 = plain MTP (default, the paper's: 1.0 with one "
-                                              "head, 0.5 with more; on small models 0.1 kept nearly all of the "
-                                              "acceptance gain for ~1%% of main-head loss, see README)")
+                                              "head, 0.5 with more; on small models 0.05-0.1 kept most of the "
+                                              "acceptance gain at no or ~1%% main-head loss, see README)")
     l.add_argument("--alpha-lambda", type=float, default=0.3, help="head CE weight lambda; alpha_k = lambda/K (default: 0.3)")
     l.add_argument("--top-n", type=int, help="KL over the teacher's top-N logits; >= vocab = full KL "
                                              "(default: smallest N covering --top-mass)")
