@@ -1,4 +1,5 @@
-"""Choosing a static draft tree by measurement: expected accepted tokens per unit of measured step cost.
+"""Choosing a static draft tree, or how many heads a chain drafts with, by measurement: expected accepted
+tokens per unit of measured step cost.
 
 Acceptance statistics. A node of a static tree is a path of ranks (r1, .., rm) (decode/tree.py). At a
 step whose root (pending token) sits at position n, the node is accepted exactly when, for every depth
@@ -17,7 +18,8 @@ deep trees (on one GPU-trained model: 10.4 expected vs 3.1 measured for a 16-dee
 Candidates are the B most frequent prefixes for each size B (a prefix is never rarer than its extensions,
 so they form a tree) and the chain of every depth; each is scored by its walk. Bigger trees accept more but
 cost more per step (a wider verification pass, heads run on more nodes); the winner has the most expected
-tokens per millisecond of measured step time (`calibrate_tree`).
+tokens per millisecond of measured step time (`calibrate_tree`). `calibrate_chain` chooses the chain
+decoder's number of heads the same way, replaying dynamic draft length too (`walked_chain`).
 """
 
 from __future__ import annotations
