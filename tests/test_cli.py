@@ -199,6 +199,17 @@ def test_bench_writes_the_design_report(tmp_path, capsys, corpus_dir):
     assert "identical to autoregressive: yes" in out
 
 
+@pytest.mark.parametrize("flags", [["--tree"], ["--heads", "auto"]])
+def test_calibrating_benches_generating_fewer_tokens_than_heads(tmp_path, capsys, corpus_dir, flags):
+    """Calibration continues its prompts by enough tokens for every head, whatever --max-new-tokens says
+    (regression: 2 new tokens and 2 heads gave no calibration positions)."""
+    saved_run(tmp_path / "run", corpus_dir)
+    code, out, err = run(capsys, "bench", "--ckpt", tmp_path / "run", "--num-prompts", 2, "--prompt-tokens", 8,
+                         "--max-new-tokens", 2, "--rounds", 1, "--skip-no-cache", "--tree-nodes", 3, *flags)
+    assert code == 0, err
+    assert "greedy output identical to autoregressive: yes" in out
+
+
 def test_bench_tree_runs_chain_and_trees_side_by_side(tmp_path, capsys, corpus_dir):
     saved_run(tmp_path / "run", corpus_dir)
     code, out, err = run(capsys, "bench", "--ckpt", tmp_path / "run", "--num-prompts", 2, "--prompt-tokens", 8,
@@ -225,6 +236,7 @@ def test_bench_tree_runs_chain_and_trees_side_by_side(tmp_path, capsys, corpus_d
     (["--tree-shape", "0 1.0"], "has no parent"),
     (["--tree-shape", "0 0.0 0.0.0"], "the draft tree is 3 deep but 2 heads draft"),
     (["--tree", "--tree-nodes", "1"], "--tree-nodes must be >= 2"),
+    (["--max-new-tokens", "1"], "--max-new-tokens must be >= 2 to benchmark speculative decoding"),
 ])
 def test_bad_tree_flags_are_one_line_errors(flags, fragment, tmp_path, capsys, corpus_dir):
     saved_run(tmp_path / "run", corpus_dir)

@@ -55,6 +55,11 @@ class BenchConfig:
     tree_dynamic: bool = False  # also decode with a dynamic (EAGLE-2) tree of the static tree's node count
     calibration_prompts: int = 16  # held-out validation prompts for the tree's or heads' acceptance statistics
 
+    def calibration_tokens(self, depth: int) -> int:
+        """Greedy tokens per calibration prompt: as many as the benchmark generates, and enough for the
+        statistics to cover every head of a deep draft even when the benchmark generates few."""
+        return max(self.max_new_tokens, 64, 4 * depth)
+
     @property
     def calibrates(self) -> bool:
         """Whether the bench needs calibration prompts: a tree to choose, or the number of heads."""
@@ -63,7 +68,9 @@ class BenchConfig:
     def validate(self) -> "BenchConfig":
         checks = [
             (self.tree_nodes >= 2, f"--tree-nodes must be >= 2: the root and at least one draft (got {self.tree_nodes})"),
-            (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})"),
+            (self.max_new_tokens >= 2, f"--max-new-tokens must be >= 2 to benchmark speculative decoding (got "
+                                       f"{self.max_new_tokens}; the first new token comes from the prompt's pass, "
+                                       f"before any draft)"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
             (self.num_heads is None or self.num_heads >= 1, f"--heads must be >= 1 (got {self.num_heads})"),
             (self.rounds >= 1, f"--rounds must be >= 1 (got {self.rounds})"),
@@ -120,7 +127,7 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
             raise MtpdError("--heads auto calibrates on validation prompts, and none are available: pass --heads K "
                             "or a checkpoint whose corpus is available")
         heads_calibration = calibrate_chain(model, calibration_prompts, model.num_heads, cfg.draft_threshold,
-                                            cfg.max_new_tokens, progress=progress)
+                                            cfg.calibration_tokens(model.num_heads), progress=progress)
         heads = heads_calibration.shape.depth
     rule = make_rule(cfg.temperature, cfg.top_k, cfg.top_p)
     batches = _batches(prompts, cfg.batch_size)
@@ -255,7 +262,7 @@ def _trees(model, heads: int, cfg: BenchConfig, calibration_prompts: list[list[i
         if not calibration_prompts:
             raise MtpdError("--tree without --tree-shape calibrates on validation prompts, and none are available: "
                             "pass --tree-shape (e.g. '0 1 0.0 0.0.0') or a checkpoint whose corpus is available")
-        calibration = calibrate_tree(model, calibration_prompts, heads, cfg.tree_nodes, cfg.max_new_tokens,
+        calibration = calibrate_tree(model, calibration_prompts, heads, cfg.tree_nodes, cfg.calibration_tokens(heads),
                                      progress=progress)
         shape = calibration.shape
     trees = {"tree": StaticTree(shape)}

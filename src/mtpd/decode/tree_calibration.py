@@ -65,9 +65,9 @@ def draft_statistics(model: MTPModel, prompts: list[list[int]], new_tokens: int,
         sequence = torch.tensor([prompt + continuation], device=device)
         _, head_logits = model(sequence)
         P, T = len(prompt), sequence.shape[1]
-        roots = torch.arange(P, T - depth, device=device)  # the drafts seq[n+1..n+depth] are greedy tokens
-        if len(roots) == 0:
+        if T - depth <= P:  # a continuation shorter than the deepest draft: no root position
             continue
+        roots = torch.arange(P, T - depth, device=device)  # the drafts seq[n+1..n+depth] are greedy tokens
         per_depth, probs = [], []
         for j in range(1, depth + 1):
             logits = head_logits[j - 1][0, roots - 1].float()  # head j at position n-1 predicts seq[n+j]
@@ -77,7 +77,8 @@ def draft_statistics(model: MTPModel, prompts: list[list[int]], new_tokens: int,
         ranks.append(torch.stack(per_depth, -1).cpu())
         top_probs.append(torch.stack(probs, -1).cpu())
     if not ranks:
-        raise MtpdError("no calibration positions: use longer calibration continuations")
+        raise MtpdError(f"no calibration positions: the continuations of {len(prompts)} prompts are not longer than "
+                        f"the {depth} heads draft; continue them by more tokens")
     return DraftStatistics(ranks, top_probs)
 
 
