@@ -35,7 +35,7 @@ TERMS = ("main CE", "heads' CE", "heads' KL")
 
 def term_gradients(model: MTPModel, windows: torch.Tensor, loss_cfg: LossConfig, top_n: int | None) -> dict:
     """Each term's gradient on the main model's parameters, flattened and summed over `windows`."""
-    params = [p for p in model.main.parameters()]
+    params = list(model.main.parameters())
     totals = {term: torch.zeros(sum(p.numel() for p in params)) for term in TERMS}
     K = model.num_heads
     alpha, beta = loss_cfg.alpha_lambda / K, loss_cfg.resolved_beta(K)

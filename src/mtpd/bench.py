@@ -23,6 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 from mtpd.checkpoint import Checkpoint
+from mtpd.clock import wall_clock
 from mtpd.config import DRAFT_THRESHOLD
 from mtpd.decode import Greedy, autoregressive_generate, make_rule, speculative_generate
 from mtpd.decode.generation import Generation
@@ -118,7 +119,8 @@ def _batches(prompts: list[list[int]], size: int) -> list[list[list[int]]]:
 def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchConfig,
                   progress: Callable[[str], None] | None = None,
                   calibration_prompts: list[list[int]] | None = None) -> dict:
-    """`calibration_prompts`: held-out prompts the tree is calibrated on (with `tree` and no `tree_shape`)."""
+    """`calibration_prompts`: held-out prompts the tree (with `tree` and no `tree_shape`) or the number of heads
+    (with `auto_heads`) is calibrated on."""
     model = checkpoint.model.eval()
     device = next(model.parameters()).device  # sampling draws from a generator on the model's device
     heads, heads_calibration = _heads(model, cfg), None
@@ -149,7 +151,7 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
 
     for name, generate in methods.items():  # warm-up: first-call allocations, lazy init
         generate(batches[0], torch.Generator(device).manual_seed(cfg.seed))
-    started = time.perf_counter()
+    started, clock = time.perf_counter(), wall_clock(device)
     seconds, cpu_seconds = dict.fromkeys(methods, 0.0), dict.fromkeys(methods, 0.0)
     tokens = dict.fromkeys(methods, 0)
     outputs: dict[str, list[list[int]]] = {name: [] for name in methods}
@@ -158,9 +160,9 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
         for name, generate in methods.items():
             generator = torch.Generator(device).manual_seed(cfg.seed + round_index)
             for batch in batches:
-                t0, c0 = time.perf_counter(), time.process_time()
+                t0, c0 = clock(), time.process_time()
                 result = generate(batch, generator)
-                seconds[name] += time.perf_counter() - t0
+                seconds[name] += clock() - t0
                 cpu_seconds[name] += time.process_time() - c0
                 tokens[name] += result.num_tokens
                 if round_index == 0:

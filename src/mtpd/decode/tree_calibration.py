@@ -167,16 +167,22 @@ def candidate_trees(frequencies: dict[tuple[int, ...], float], max_nodes: int) -
     return trees
 
 
+def least_squares(features: list[list[float]], measured: list[float]) -> list[float]:
+    """Coefficients of the least-squares fit measured ~ features @ coefficients."""
+    solution = torch.linalg.lstsq(torch.tensor(features, dtype=torch.float64),
+                                  torch.tensor(measured, dtype=torch.float64)[:, None]).solution
+    return solution[:, 0].tolist()
+
+
 def fit_step_cost(shapes: list[TreeShape], measured_ms: list[float]) -> list[float]:
     """Least-squares ms = a + b * nodes + c * depth through the measurements: the timings of a busy machine
     are noisy, and a step's cost is close to affine in the verified nodes (one wider main-model pass) and
     in the depth (one head call per level). Fewer than 4 trees: the measurements themselves."""
     if len(shapes) < 4:
         return list(measured_ms)
-    features = torch.tensor([[1.0, s.num_nodes, s.depth] for s in shapes], dtype=torch.float64)
-    target = torch.tensor(measured_ms, dtype=torch.float64)[:, None]
-    coefficients = torch.linalg.lstsq(features, target).solution
-    return [max(float(v), 1e-6) for v in (features @ coefficients)[:, 0]]
+    features = [[1.0, s.num_nodes, s.depth] for s in shapes]
+    a, b, c = least_squares(features, measured_ms)
+    return [max(a + b * nodes + c * depth, 1e-6) for _, nodes, depth in features]
 
 
 def measure_step_ms(model: MTPModel, prompt: list[int], num_heads: int, shapes: list[TreeShape],
@@ -240,11 +246,8 @@ def calibrate_chain(model: MTPModel, prompts: list[list[int]], num_heads: int, t
     chains = [TreeShape.chain(d) for d in range(1, num_heads + 1)]
     measured = measure_step_ms(model, prompts[0], num_heads, chains, rounds=rounds, progress=report,
                                chain_decoder=True)
-    features = torch.tensor([[1.0, d] for d in range(1, num_heads + 1)], dtype=torch.float64)
-    if num_heads >= 3:  # ms = a + b * drafts, least squares (the timings of a busy machine are noisy)
-        a, b = torch.linalg.lstsq(features, torch.tensor(measured, dtype=torch.float64)[:, None]).solution[:, 0].tolist()
-    else:
-        a, b = measured[0], (measured[-1] - measured[0]) / max(num_heads - 1, 1)
+    # ms = a + b * drafts through the fixed-depth timings (least squares: a busy machine's timings are noisy)
+    a, b = least_squares([[1.0, d] for d in range(1, num_heads + 1)], measured) if num_heads > 1 else (measured[0], 0.0)
     candidates = []
     for d, ms in enumerate(measured, start=1):
         tau, drafts = walked_chain(stats, d, threshold)
