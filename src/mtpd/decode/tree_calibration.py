@@ -186,11 +186,15 @@ def fit_step_cost(shapes: list[TreeShape], measured_ms: list[float]) -> list[flo
 
 
 def measure_step_ms(model: MTPModel, prompt: list[int], num_heads: int, shapes: list[TreeShape],
-                    new_tokens: int = 32, rounds: int = 3, progress: Callable[[str], None] | None = None,
+                    new_tokens: int = 64, rounds: int = 3, progress: Callable[[str], None] | None = None,
                     chain_decoder: bool = False) -> list[float]:
-    """Milliseconds per speculative step (drafting, verification, compaction) of each tree: the fastest of
-    `rounds` interleaved runs (a step's cost barely depends on what it accepts). `chain_decoder`: the shapes
-    are chains, timed with the chain decoder drafting with that many heads (not as trees)."""
+    """Milliseconds per speculative step (drafting, verification, compaction) of each tree, in the steady
+    state: a decode of `new_tokens` minus one that stops after its first step, divided by the steps between
+    them. The first step is left out with the prefill because the heads then run over the whole prompt as
+    well, which a steady step never does (counted in, it made more heads look dearer per step the fewer
+    steps the decode took). Fastest of `rounds` interleaved runs each (a step's cost barely depends on what
+    it accepts). `chain_decoder`: the shapes are chains, timed with the chain decoder drafting with that
+    many heads (not as trees)."""
     def run(shape: TreeShape, tokens: int):
         if chain_decoder:
             return speculative_generate(model, [prompt], tokens, num_heads=shape.depth)
@@ -198,15 +202,21 @@ def measure_step_ms(model: MTPModel, prompt: list[int], num_heads: int, shapes: 
 
     clock = step_clock(next(model.parameters()).device)
     run(shapes[-1], 8)  # warm-up
-    best = [float("inf")] * len(shapes)
+    # 2 tokens: the prefill and the first step only; the long decode takes at least 4 steps after it
+    lengths = (2, max(new_tokens, 2 + 4 * (max(shape.depth for shape in shapes) + 1)))
+    best = [[float("inf")] * len(lengths) for _ in shapes]
+    steps = [[0] * len(lengths) for _ in shapes]
     for round_index in range(rounds):
         for i, shape in enumerate(shapes):
-            start = clock()
-            result = run(shape, new_tokens)
-            best[i] = min(best[i], (clock() - start) / max(result.steps, 1) * 1e3)
+            for j, tokens in enumerate(lengths):
+                start = clock()
+                result = run(shape, tokens)
+                best[i][j] = min(best[i][j], clock() - start)
+                steps[i][j] = result.steps
         if progress:
             progress(f"calibration: timing round {round_index + 1}/{rounds}")
-    return best
+    return [(t_long - t_short) / (s_long - s_short) * 1e3
+            for (t_short, t_long), (s_short, s_long) in zip(best, steps)]
 
 
 def calibrate_tree(model: MTPModel, prompts: list[list[int]], num_heads: int, max_nodes: int = 16,
