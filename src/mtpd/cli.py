@@ -328,11 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `mtpd demo` to see the whole method on a tiny model in under ten minutes.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model with MTP-D heads from scratch", epilog=EPILOG_TRAIN,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = sub.add_parser("train", help="train a model with MTP-D heads from scratch, or heads on a frozen HF model",
+                       epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Joint pretraining of a built-in decoder and K cascaded MTP heads with the\n"
                                    "MTP-D objective: the main head's CE + alpha_k * each head's CE + beta * top-N KL\n"
-                                   "from the main head (the teacher, under stop-gradient) to each head.")
+                                   "from the main head (the teacher, under stop-gradient) to each head. With --hf:\n"
+                                   "the heads alone, on a local Hugging Face causal LM kept frozen.")
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from mtpd import distributed
 from mtpd.checkpoint import (Checkpoint, build_model, checkpoint_dir, checkpoint_tokenizer, list_checkpoints,
                              load_checkpoint, read_config)
-from mtpd.config import LossConfig, ModelConfig
+from mtpd.config import DRAFT_THRESHOLD, LossConfig, ModelConfig
 from mtpd.data import (Corpus, encode_documents, eos_id, load_corpus, load_or_train_tokenizer, token_cache_path,
                        validation_windows)
 from mtpd.decode import autoregressive_generate, make_rule, speculative_generate
@@ -248,7 +248,7 @@ def _launch_note(train_cfg: TrainConfig, fsdp: bool) -> str:
 
 
 def resumed_train_config(saved: dict, budget: dict) -> TrainConfig:
-    """The saved run's training configuration, with the budget replaced when `given` sets one.
+    """The saved run's training configuration, with the budget replaced when `budget` sets one.
 
     Budgets are totals for the run, so `mtpd train --out X --resume --max-steps 40` continues to step 40.
     A new budget replaces the whole saved one: a saved --max-tokens must not stop a run extended by steps.
@@ -305,7 +305,7 @@ def benchmark_prompts(checkpoint: Checkpoint, prompts_file: str | None = None, n
 
 def generate_text(checkpoint: Checkpoint, prompt: str, max_new_tokens: int = 200, heads: int | None = None,
                   speculative: bool = True, temperature: float = 0.0, top_k: int | None = None,
-                  top_p: float | None = None, seed: int = 0, draft_threshold: float = 0.0,
+                  top_p: float | None = None, seed: int = 0, draft_threshold: float = DRAFT_THRESHOLD,
                   tree_shape: str | None = None, emit: Callable[[str], None] = print) -> dict:
     """Continue `prompt`, streaming text through `emit` as tokens are accepted; stops at EOS. `tree_shape`:
     draft this static tree (rank paths, decode/tree.py) instead of one chain.
