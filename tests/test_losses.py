@@ -142,3 +142,21 @@ def test_beta_zero_is_plain_mtp_and_weights_follow_paper_defaults():
     full = mtp_d_loss(window, main_logits, head_logits, LossConfig())  # beta default 0.5 with 4 heads
     assert torch.allclose(full.total, expected + 0.5 * sum(full.head_kl))
     assert LossConfig().resolved_beta(1) == 1.0 and LossConfig().resolved_beta(4) == 0.5
+
+
+@pytest.mark.parametrize("top_n,temperature,direction", [(None, 1.0, "forward"), (6, 1.0, "forward"),
+                                                         (6, 2.0, "reverse"), (None, 0.5, "reverse")])
+def test_objective_kl_per_head_is_top_n_kl_towards_the_shifted_main_head(top_n, temperature, direction):
+    """mtp_d_loss computes the teacher's distribution once and slices it per head; each head's term must be
+    top_n_kl against the main head at i + k over that teacher's own top-N (the definition, DESIGN §2)."""
+    torch.manual_seed(0)
+    V = 30
+    window = torch.randint(0, V, (2, 11))
+    main_logits = torch.randn(2, 10, V)
+    head_logits = [torch.randn(2, 10 - k, V) for k in range(1, 4)]
+    cfg = LossConfig(beta=0.5, top_n=top_n, temperature=temperature, kl_direction=direction)
+    terms = mtp_d_loss(window, main_logits, head_logits, cfg)
+    for k, (logits, kl) in enumerate(zip(head_logits, terms.head_kl), start=1):
+        teacher = head_teacher(main_logits, k)
+        expected = top_n_kl(logits, teacher, top_n_support(teacher, top_n), temperature, direction)
+        assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
