@@ -13,7 +13,6 @@ and `--resume` use.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -24,8 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tokenizers import Tokenizer
 
+from mtpd.atomic import atomic_directory
 from mtpd.config import ModelConfig
-from mtpd.errors import MtpdError
+from mtpd.errors import MtpdError, first_line
 from mtpd.model import MTPModel
 
 CONFIG_FILE = "config.json"
@@ -56,23 +56,8 @@ def save_checkpoint(path: Path, model: MTPModel, tokenizer: Tokenizer, meta: dic
                     trainer_state: dict | None = None) -> Path:
     """Write a checkpoint atomically: everything goes to `<path>.tmp`, which is then renamed to `path`."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(path) as tmp:
         _write_files(tmp, model, tokenizer, meta, trainer_state)
-    except BaseException:  # a full disk or Ctrl-C: leave no half-written directory behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():  # replacing a checkpoint of the same step (rare): swap, then delete the old one
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
-    _fsync_dir(path.parent)
     return path
 
 
@@ -91,7 +76,6 @@ def _write_files(directory: Path, model: MTPModel, tokenizer: Tokenizer, meta: d
     tokenizer.save(str(directory / TOKENIZER_FILE))
     if trainer_state is not None:
         torch.save(trainer_state, directory / STATE_FILE)
-    _fsync_dir(directory)
 
 
 def is_head_only(config: dict) -> bool:
@@ -109,18 +93,6 @@ def external_backbone(model: MTPModel) -> dict | None:
 
 def head_tensors(model: MTPModel) -> dict[str, torch.Tensor]:
     return {name: tensor.contiguous() for name, tensor in model.state_dict().items() if name.startswith("heads.")}
-
-
-def _fsync_dir(path: Path) -> None:
-    for file in [*path.iterdir(), path] if path.is_dir() else []:
-        try:
-            fd = os.open(file, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -191,7 +163,7 @@ def checkpoint_tokenizer(path: Path, model_cfg: ModelConfig) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_file(str(path / TOKENIZER_FILE))
     except Exception as exc:  # tokenizers raises plain Exception subclasses
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise MtpdError(f"cannot read {path / TOKENIZER_FILE} ({reason}): the checkpoint is corrupt; "
                         f"{USE_AN_EARLIER_ONE}") from None
     if tokenizer.get_vocab_size() > model_cfg.vocab_size:
@@ -250,7 +222,7 @@ def check_weights_match(model: torch.nn.Module, weights: Path, prefix: str = "")
         with safe_open(str(weights), framework="pt") as f:
             stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise MtpdError(f"cannot read {weights} ({reason}): the checkpoint is corrupt; {USE_AN_EARLIER_ONE}") from None
     for name, shape in stored.items():
         if name not in expected:

@@ -7,11 +7,10 @@ and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
+from mtpd.atomic import write_json
 from mtpd.config import DRAFT_THRESHOLD, PRESETS, LossConfig, preset
 from mtpd.errors import MtpdError
 
@@ -278,15 +277,11 @@ def cmd_demo(args) -> int:
 
 
 def _write_json(path: str, payload: dict) -> None:
-    target = Path(path)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, target)
+        write_json(Path(path), payload)
     except OSError as exc:
-        raise MtpdError(f"cannot write {target} ({exc.strerror}): choose another --json path") from None
-    print(f"wrote {target}")
+        raise MtpdError(f"cannot write {path} ({exc.strerror}): choose another --json path") from None
+    print(f"wrote {path}")
 
 
 def _add_checkpoint_flags(p, hf: bool = False) -> None:

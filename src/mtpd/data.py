@@ -14,7 +14,6 @@ import json
 import os
 import re
 import sysconfig
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -23,7 +22,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from mtpd.errors import MtpdError
+from mtpd.atomic import atomic_file
+from mtpd.errors import MtpdError, first_line
 
 DEFAULT_EXTENSIONS = (
     ".txt", ".md", ".rst", ".tex",
@@ -245,7 +245,7 @@ def load_or_train_tokenizer(
             tokenizer = Tokenizer.from_file(str(cached))
         else:
             tokenizer = train_tokenizer(_training_sample(corpus.train, _TOKENIZER_SAMPLE_CHARS), vocab_size)
-            with _atomic_path(cached) as tmp:
+            with atomic_file(cached) as tmp:
                 tokenizer.save(str(tmp))
     eos_id(tokenizer)  # fail here, before any training, when there is no end-of-text token
     return tokenizer
@@ -274,7 +274,7 @@ def _load_tokenizer_file(path: Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as error:  # the tokenizers library raises plain Exception for unparsable files
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise MtpdError(f"cannot read tokenizer '{path}' ({reason}): pass a Hugging Face tokenizer.json") from None
 
 
@@ -318,15 +318,19 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str], cache_path: Path | 
     if cache_path is not None:
         # uint16 halves the file for the usual vocabularies; ids are always < get_vocab_size().
         stored = tokens.astype(np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.int32)
-        with _atomic_path(cache_path) as tmp, open(tmp, "wb") as file:
+        with atomic_file(cache_path) as tmp, open(tmp, "wb") as file:
             np.save(file, stored)
     return torch.from_numpy(tokens)
 
 
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """A hex digest of the exact tokenizer (vocabulary, merges, normalisation)."""
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
+
+
 def token_cache_path(corpus: Corpus, tokenizer: Tokenizer, split: str, cache_dir: Path | None = None) -> Path:
     """Where encode_documents caches one split: keyed by the corpus content and the exact tokenizer."""
-    tokenizer_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
-    return _cache_root(cache_dir) / "tokens" / f"{corpus.fingerprint}-{tokenizer_hash}-{split}.npy"
+    return _cache_root(cache_dir) / "tokens" / f"{corpus.fingerprint}-{tokenizer_fingerprint(tokenizer)}-{split}.npy"
 
 
 # A line break with non-space on both sides. Byte-level BPE pre-tokens never span it, so cutting a document
@@ -445,15 +449,3 @@ def _cache_root(cache_dir: Path | None) -> Path:
     if os.environ.get("MTPD_CACHE"):
         return Path(os.environ["MTPD_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtpd"
-
-
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path to write to, moved onto path on success: readers (and other ranks) never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from mtpd.errors import MtpdError
+from mtpd.errors import MtpdError, first_line
 
 
 def launched_by_torchrun() -> bool:
@@ -77,7 +77,7 @@ def process_group(device: torch.device) -> Iterator[None]:
     try:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     except (RuntimeError, ValueError) as exc:  # e.g. the rendezvous endpoint cannot be reached
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise MtpdError(f"cannot join the torchrun process group ({backend}: {reason}): check --rdzv-endpoint / "
                         f"MASTER_ADDR:MASTER_PORT and that every node runs the same torchrun line") from None
     try:

@@ -7,3 +7,10 @@ checkpoint from another model). The message must say what is wrong *and* what to
 
 class MtpdError(Exception):
     """A user-facing error: the CLI prints `error: <message>` and exits with status 2."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): the `(reason)` a
+    one-line MtpdError quotes from a library's error."""
+    text = str(exc)
+    return text.splitlines()[0] if text.strip() else type(exc).__name__

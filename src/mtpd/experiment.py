@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mtpd.atomic import write_json
 from mtpd.bench import BenchConfig, run_benchmark
 from mtpd.checkpoint import list_checkpoints, load_checkpoint
 from mtpd.clock import wall_clock
@@ -148,12 +149,12 @@ def run_suite(suite: str, scale: Scale, out_dir: str | Path, data_path: str | No
         log("measuring training cost of MTP vs MTP-D (interleaved steps on the same batches)")
         trained = next((r for r in results if r["name"] == "mtpd-k4"), None)
         cost = training_cost(scale, data_path, device, top_n=trained["objective"]["resolved_top_n"] if trained else None)
-        _write_json(probe_path, cost)
+        write_json(probe_path, cost)
     summary = {"suite": suite, "scale": dataclasses.asdict(scale), "data": data_path or "stdlib",
                "device": str(resolve_device(device)), "machine": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "torch_version": torch.__version__,
                "seconds_this_run": time.perf_counter() - started, "training_cost": cost, "variants": results}
-    _write_json(out_dir / "results.json", summary)
+    write_json(out_dir / "results.json", summary)
     return summary
 
 
@@ -198,7 +199,7 @@ def run_variant(variant: Variant, scale: Scale, out_dir: Path, data_path: str | 
               **{k: metrics[k] for k in ("val_loss", "val_ppl", "head_ce", "offline_acceptance")},
               "train_tokens_per_s": _mean_train_speed(run_dir), "train_seconds_this_run": train_seconds,
               "online": online, "checkpoint": str(path)}
-    _write_json(result_path, result)
+    write_json(result_path, result)
     log(f"  val loss {result['val_loss']:.4f}, offline acceptance "
         f"{' '.join(f'{a:.2f}' for a in result['offline_acceptance'])}, speedup {online['0']['speedup']:.2f}x, "
         f"tau {online['0']['mean_accepted_tokens']:.2f}")
@@ -261,10 +262,3 @@ def training_cost(scale: Scale, data_path: str | None = None, device: str = "aut
     rate = {name: tokens / s for name, s in seconds.items()}
     return {"preset": scale.preset, "heads": heads, "steps": scale.cost_probe_steps, "top_n": top_n,
             "mtp_tokens_per_s": rate["mtp"], "mtpd_tokens_per_s": rate["mtpd"], "mtpd_vs_mtp": rate["mtpd"] / rate["mtp"]}
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)

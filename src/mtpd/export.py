@@ -9,12 +9,11 @@ Only the main model is exported: a Llama has no MTP heads.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from mtpd.atomic import atomic_directory
 from mtpd.checkpoint import is_head_only, load_checkpoint
 from mtpd.data import eos_id
 from mtpd.errors import MtpdError
@@ -79,15 +78,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
         raise MtpdError(f"{checkpoint.path} holds heads on a Hugging Face model, which is already in Hugging Face "
                         f"format ({checkpoint.config['backbone']['path']}): nothing to export")
     eos_token = checkpoint.tokenizer.id_to_token(eos_id(checkpoint.tokenizer))
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(out_dir) as tmp:  # replaces the empty directory, if any
         to_llama(checkpoint.model.main, eos_id(checkpoint.tokenizer)).save_pretrained(tmp)
         PreTrainedTokenizerFast(tokenizer_object=checkpoint.tokenizer, eos_token=eos_token).save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        out_dir.rmdir()  # empty, checked above
-    os.replace(tmp, out_dir)
     return out_dir

@@ -7,7 +7,6 @@ decisions that need more than one piece, like resuming a run from its own saved 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from mtpd.checkpoint import (Checkpoint, build_model, checkpoint_dir, checkpoint
                              load_checkpoint, read_config)
 from mtpd.config import DRAFT_THRESHOLD, LossConfig, ModelConfig
 from mtpd.data import (Corpus, encode_documents, eos_id, load_corpus, load_or_train_tokenizer, token_cache_path,
-                       validation_windows)
+                       tokenizer_fingerprint, validation_windows)
 from mtpd.decode import autoregressive_generate, make_rule, speculative_generate
 from mtpd.decode.stream import TextStream
 from mtpd.decode.tree import TreeShape
@@ -230,7 +229,7 @@ def _train(model: MTPModel, data: TokenizedCorpus, data_path: str | None, train_
 def _check_same_data_on_every_process(data: TokenizedCorpus) -> None:
     """Each process read and tokenized the data itself; training on different data (another --data path on
     one node, a different tokenizer cache) would silently mix runs, so compare with rank 0 first."""
-    mine = (data.corpus.fingerprint, hashlib.sha256(data.tokenizer.to_str().encode()).hexdigest()[:16],
+    mine = (data.corpus.fingerprint, tokenizer_fingerprint(data.tokenizer),
             data.train.numel(), data.val.numel())
     main = distributed.from_main(mine)
     if mine != main:

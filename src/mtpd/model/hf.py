@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from mtpd.config import ModelConfig
-from mtpd.errors import MtpdError
+from mtpd.errors import MtpdError, first_line
 
 # Context cap for the heads' RoPE table and the decoders' buffers when the model allows longer contexts.
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -146,7 +146,7 @@ def load_hf_backbone(path: str | Path, device: str | torch.device = "cpu", dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0]
+        reason = first_line(exc)
         raise MtpdError(f"cannot load {path} as a causal LM ({reason}): pass a Hugging Face model directory "
                         f"with config.json and weights") from None
     model.requires_grad_(False)
