@@ -201,11 +201,10 @@ def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_toke
         accepted = advance(state, step)
         count = state.count
         generation.steps += 1
-        for b in range(B):
-            if active[b]:
-                generation.accepted.append(int(accepted[b]))
-                generation.drafted.append(step.drafted)
-                generation.verified.append(step.verified)
+        accepted_by_active_rows = accepted[active].tolist()  # one transfer per step, not one per row
+        generation.accepted += accepted_by_active_rows
+        generation.drafted += [step.drafted] * len(accepted_by_active_rows)
+        generation.verified += [step.verified] * len(accepted_by_active_rows)
         if on_tokens is not None:
             on_tokens([seq[b, int(new_start[b]):int(count[b])].tolist() for b in range(B)])
         active &= ~finished(batch, count, new_start, eos_id)

@@ -36,10 +36,6 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, span: "Span") -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, n_kv, T, hd] at the span's positions; return the keys/values to attend to."""
         if span.start is not None:  # every row writes the same contiguous range: a plain slice copy
@@ -98,10 +94,9 @@ class Rotary(nn.Module):
         positions = torch.arange(length, device=self.cos.device)
         return Span(positions[None], self.cos[None, None, :length], self.sin[None, None, :length], None, length, 0)
 
-    def cached_span(self, positions: torch.Tensor, kv_len: int | None = None) -> Span:
+    def cached_span(self, positions: torch.Tensor) -> Span:
         """A pass over per-row positions [B, T] that reads and writes a KV cache."""
-        if kv_len is None:
-            kv_len = int(positions.max()) + 1
+        kv_len = int(positions.max()) + 1
         max_len = self.cos.shape[0]
         if kv_len > max_len:
             raise ValueError(f"position {kv_len - 1} is beyond the context length {max_len}")

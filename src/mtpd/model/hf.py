@@ -50,10 +50,6 @@ class HFCache:
         self.max_len = max_len
         self.slot_positions = torch.empty(batch_size, 0, dtype=torch.long, device=device)
 
-    @property
-    def num_slots(self) -> int:
-        return self.slot_positions.shape[1]
-
     def admit(self, positions: torch.Tensor) -> torch.Tensor:
         """Make room for a pass over per-row positions [B, T]: cut each row back to its first new position,
         drop slots stale in every row from the end, and append T slots. Returns the attention mask
