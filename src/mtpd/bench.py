@@ -27,7 +27,7 @@ from mtpd.clock import wall_clock
 from mtpd.config import DRAFT_THRESHOLD
 from mtpd.decode import Greedy, autoregressive_generate, make_rule, speculative_generate
 from mtpd.decode.generation import Generation
-from mtpd.decode.tree import TreeShape
+from mtpd.decode.tree import TreeShape, require_tree_support
 from mtpd.decode.tree_calibration import calibrate_chain, calibrate_tree
 from mtpd.decode.tree_draft import DynamicTree, StaticTree
 from mtpd.errors import MtpdError
@@ -247,8 +247,8 @@ def check_tree(checkpoint: Checkpoint, cfg: BenchConfig) -> None:
     Face model; a tree deeper than the heads) before any work: calibration prompts, warm-up."""
     if cfg.tree:
         model = checkpoint.model
-        shape = TreeShape.chain(1) if cfg.tree_shape is None else TreeShape.parse(cfg.tree_shape)
-        StaticTree(shape).check(model, _heads(model, cfg))
+        depth = 1 if cfg.tree_shape is None else TreeShape.parse(cfg.tree_shape).depth
+        require_tree_support(model, depth, _heads(model, cfg))
 
 
 def _trees(model, heads: int, cfg: BenchConfig, calibration_prompts: list[list[int]] | None,
@@ -257,7 +257,7 @@ def _trees(model, heads: int, cfg: BenchConfig, calibration_prompts: list[list[i
     if not cfg.tree:
         return {}, None
     calibration = None
-    StaticTree(TreeShape.chain(1)).check(model, heads)  # a backbone without tree attention: refuse before work
+    require_tree_support(model, 1, heads)  # a backbone without tree attention: refuse before calibrating
     if cfg.tree_shape is not None:
         shape = TreeShape.parse(cfg.tree_shape)
     else:
@@ -268,7 +268,6 @@ def _trees(model, heads: int, cfg: BenchConfig, calibration_prompts: list[list[i
                                      progress=progress)
         shape = calibration.shape
     trees = {"tree": StaticTree(shape)}
-    trees["tree"].check(model, heads)
     if cfg.tree_dynamic:
         trees["tree_dynamic"] = dynamic_like(shape)
     return trees, calibration

@@ -322,8 +322,7 @@ def generate_text(checkpoint: Checkpoint, prompt: str, max_new_tokens: int = 200
     rule = make_rule(temperature, top_k, top_p)
     tree = None
     if tree_shape is not None and speculative:
-        tree = StaticTree(TreeShape.parse(tree_shape))
-        tree.check(model, model.num_heads if heads is None else heads)
+        tree = StaticTree(TreeShape.parse(tree_shape))  # speculative_generate refuses one it cannot draft
     stream = TextStream(tokenizer)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     on_tokens = lambda rows: emit(stream.push(rows[0]))  # noqa: E731 (one row)

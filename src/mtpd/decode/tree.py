@@ -18,6 +18,8 @@ is therefore that step's sample from the main model, whatever the heads drafted:
 sampling. It equals recursive rejection sampling with a deterministic proposal (the heads' top-ranked
 children): candidate c_i is accepted with probability p(c_i) / (1 - p(c_1) - ... - p(c_{i-1})), and
 after the last rejection the token is drawn from p restricted to the other tokens.
+
+`require_tree_support` refuses a tree a model cannot draft (no tree attention, or deeper than its heads).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from mtpd.errors import MtpdError
+from mtpd.model import MTPModel
 
 
 @dataclass(frozen=True)
@@ -133,3 +136,15 @@ def path_nodes(ancestors: torch.Tensor, depth: torch.Tensor, node: torch.Tensor,
     levels = torch.arange(max_depth + 1, device=node.device)
     at_level = on_path & (depth.expand(B, -1)[:, None, :] == levels[None, :, None])  # [B, D+1, N]
     return torch.where(at_level.any(-1), at_level.long().argmax(-1), -1)
+
+
+def require_tree_support(model: MTPModel, depth: int, num_heads: int) -> None:
+    """Refuse a tree of `depth` that this model cannot draft with `num_heads` heads: the main model has no
+    tree attention (a Hugging Face backbone), or the tree is deeper than the heads."""
+    if not model.main.supports_tree_attention:
+        raise MtpdError(f"tree drafting needs tree attention in the main model, which only mtpd's built-in "
+                        f"decoder has; this one ({type(model.main).__name__}) drafts chains only, as heads on a "
+                        f"Hugging Face model do: drop --tree / --tree-shape")
+    if depth > num_heads:
+        raise MtpdError(f"the draft tree is {depth} deep but {num_heads} heads draft: use a tree at most "
+                        f"{num_heads} deep, or a checkpoint with more heads")

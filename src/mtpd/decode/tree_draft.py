@@ -33,7 +33,7 @@ import torch
 from mtpd.decode.speculative import Decoding, Step, _gather_rows, _scatter_rows, chain_step
 from mtpd.decode.tree import TreeShape, accept_path, ancestor_matrix, path_nodes, tree_attention_mask
 from mtpd.errors import MtpdError
-from mtpd.model import MTPModel, TreeAttention
+from mtpd.model import TreeAttention
 
 
 @dataclass
@@ -94,15 +94,6 @@ class TreeDrafter:
 
     def verification(self, tree: DraftTree) -> VerifyTree:
         raise NotImplementedError
-
-    def check(self, model: MTPModel, num_heads: int) -> None:
-        if not model.main.supports_tree_attention:
-            raise MtpdError(f"tree drafting needs tree attention in the main model, which only mtpd's built-in "
-                            f"decoder has; this one ({type(model.main).__name__}) drafts chains only, as heads on a "
-                            f"Hugging Face model do: drop --tree / --tree-shape")
-        if self.depth > num_heads:
-            raise MtpdError(f"the draft tree is {self.depth} deep but {num_heads} heads draft: use a tree at most "
-                            f"{num_heads} deep, or a checkpoint with more heads")
 
     def step(self, state: Decoding, room: int) -> Step:
         D, count, active = self.depth, state.count, state.active
