@@ -116,3 +116,16 @@ def test_an_interrupted_extension_resumes(tmp_path, capsys, corpus_dir):
     assert code == 0, err
     assert "resuming" in out and list_checkpoints(ext)[-1][0] == 4
     assert torch.equal(weights(ext)["heads.0.proj.weight"], weights(base)["heads.0.proj.weight"])
+
+
+@pytest.mark.parametrize("flag, value, fragment", [("--max-steps", 0, "--max-steps must be >= 1"),
+                                                   ("--max-tokens", -5, "--max-tokens must be >= 1"),
+                                                   ("--time-budget", 0, "--time-budget must be > 0")])
+def test_extend_with_a_bad_budget_is_one_line_and_writes_nothing(flag, value, fragment, tmp_path, capsys,
+                                                                 corpus_dir):
+    base = tmp_path / "k1"
+    code, _, err = run(capsys, "train", *MICRO, "--heads", "1", "--data", corpus_dir, "--max-steps", 2, "--out", base)
+    assert code == 0, err
+    code, _, err = run(capsys, "extend", "--ckpt", base, "--to", 2, "--out", tmp_path / "bad", flag, value)
+    assert code == 2 and err.startswith("error: ") and fragment in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

@@ -321,6 +321,17 @@ def test_cli_rejects_shape_flags_with_hf(llama_dir, tmp_path, capsys):
     assert "--d-model cannot be combined with --hf" in capsys.readouterr().err
 
 
+def test_cli_refuses_fsdp_with_hf_before_loading_anything(tmp_path, capsys):
+    from mtpd.cli import main
+
+    # the model path does not even exist: the refusal comes before the model or the corpus is read
+    assert main(["train", "--hf", str(tmp_path / "absent"), "--heads", "2", "--max-steps", "1", "--fsdp",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "heads on a Hugging Face model train with DDP" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_missing_backbone_is_one_line(trained_heads, tmp_path, capsys):
     from mtpd.cli import main
 

@@ -183,11 +183,6 @@ def cmd_extend(args) -> int:
     if args.to < 2:
         raise MtpdError(f"--to must be >= 2 (got {args.to})")
     budget = {"max_steps": args.max_steps, "max_tokens": args.max_tokens, "time_budget": args.time_budget}
-    for flag, value in (("--max-steps", args.max_steps), ("--max-tokens", args.max_tokens)):
-        if value is not None and value < 1:
-            raise MtpdError(f"{flag} must be >= 1 (got {value})")
-    if args.time_budget is not None and args.time_budget <= 0:
-        raise MtpdError(f"--time-budget must be > 0 (got {args.time_budget})")
     metrics, path = extend(args.ckpt, args.to, args.out, budget, args.fraction, args.data, args.resume, args.device,
                            show_progress=not args.quiet, fsdp=args.fsdp)
     _print_training_result(metrics, path)

@@ -32,6 +32,10 @@ from mtpd.errors import MtpdError
 from mtpd.model import MTPModel
 from mtpd.model.decoder import Block, Decoder
 
+NO_FSDP_FOR_HF = ("--fsdp shards mtpd's built-in decoder; heads on a Hugging Face model train with DDP (the frozen "
+                  "model is replicated): drop --fsdp")
+
+
 def require_torchrun_for_fsdp(fsdp: bool) -> None:
     """Checked before any work: FSDP2 needs the processes of a torchrun launch to shard over."""
     if fsdp and not launched_by_torchrun():
@@ -77,8 +81,7 @@ class FullySharded:
     def __init__(self, model: MTPModel, device: torch.device):
         require_torchrun_for_fsdp(True)
         if not isinstance(model.main, Decoder):
-            raise MtpdError("--fsdp shards mtpd's built-in decoder; heads on a Hugging Face model train with DDP "
-                            "(the frozen model is replicated): drop --fsdp")
+            raise MtpdError(NO_FSDP_FOR_HF)
         # One FSDP unit per transformer block (main model and heads); the embedding, the shared output
         # projection and the small head layers stay in the root unit, which keeps the tied weights together.
         for block in [m for m in model.modules() if isinstance(m, Block)]:

@@ -31,7 +31,7 @@ from mtpd.errors import MtpdError
 from mtpd.evaluate import evaluate
 from mtpd.metrics import mean_accepted_tokens
 from mtpd.model import MTPModel
-from mtpd.parallel import require_torchrun_for_fsdp
+from mtpd.parallel import NO_FSDP_FOR_HF, require_torchrun_for_fsdp
 from mtpd.train import BUDGET_FIELDS, Trainer, TrainConfig
 
 
@@ -101,6 +101,8 @@ def train_heads(hf_path: str | Path | None, num_heads: int, train_cfg: TrainConf
     With resume and a run in out_dir, that run continues (`hf_path`, if given, is where its model is now)."""
     from mtpd.model.hf import head_config, load_hf_backbone
 
+    if fsdp:  # refused before the model loads and the corpus is tokenized
+        raise MtpdError(NO_FSDP_FOR_HF)
     out_dir, log = Path(out_dir), distributed.on_main_process(log)
     if _continues_a_run(out_dir, resume):
         return resume_run(out_dir, train_cfg.budget, device, show_progress, log, backbone_path=hf_path, fsdp=fsdp)
@@ -141,7 +143,6 @@ def extend(ckpt: str | Path, num_heads: int, out_dir: str | Path, budget: dict |
     model, saved = checkpoint.model, checkpoint.config
     old_heads = model.num_heads
     model.extend_heads(num_heads)
-    _check_writable(out_dir)
     history = [dict(event) for event in saved.get("history", [{"event": "pretrain", "heads": old_heads}])]
     history[-1].setdefault("tokens", saved.get("state", {}).get("tokens_seen"))  # the extended stage's own tokens
     if not any(v is not None for v in (budget or {}).values()):
@@ -150,7 +151,8 @@ def extend(ckpt: str | Path, num_heads: int, out_dir: str | Path, budget: dict |
                             f"pass a budget (--max-tokens, --max-steps or --time-budget)")
         budget = {"max_tokens": max(1, round(fraction * history[0]["tokens"]))}
     train_cfg = dataclasses.replace(TrainConfig(**saved["train"]), **{name: budget.get(name) for name in BUDGET_FIELDS},
-                                    freeze_main=True, frozen_heads=old_heads)
+                                    freeze_main=True, frozen_heads=old_heads).validate()
+    _check_writable(out_dir)
     history.append({"event": "extend", "from_heads": old_heads, "to_heads": num_heads,
                     "from_checkpoint": str(checkpoint.path), "budget": {k: v for k, v in budget.items() if v}})
     data_path = data_path if data_path is not None else saved.get("data", {}).get("path")
