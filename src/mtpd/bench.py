@@ -30,7 +30,7 @@ from mtpd.decode.generation import Generation
 from mtpd.decode.tree import TreeShape, require_tree_support
 from mtpd.decode.tree_calibration import calibrate_chain, calibrate_tree
 from mtpd.decode.tree_draft import DynamicTree, StaticTree
-from mtpd.errors import MtpdError
+from mtpd.errors import MtpdError, require
 from mtpd.metrics import acceptance_rates, cumulative_acceptance, mean_accepted_tokens
 from mtpd.model.hf import HFBackbone
 from mtpd.peers import PROMPT_LOOKUP_TOKENS, hf_peer_methods
@@ -77,9 +77,7 @@ class BenchConfig:
             (self.rounds >= 1, f"--rounds must be >= 1 (got {self.rounds})"),
             (0 <= self.draft_threshold < 1, f"--draft-threshold must be in [0, 1) (got {self.draft_threshold})"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise MtpdError(message)
+        require(checks)
         make_rule(self.temperature, self.top_k, self.top_p)  # checks the sampling flags
         return self
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from mtpd.errors import MtpdError
+from mtpd.errors import MtpdError, require
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,7 @@ class ModelConfig:
             (self.max_seq_len >= 2, "max_seq_len must be >= 2"),
             (self.mtp_heads >= 0, f"--heads must be >= 0 (got {self.mtp_heads})"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise MtpdError(f"invalid model config: {message}")
+        require(checks, prefix="invalid model config: ")
         return self
 
     def to_dict(self) -> dict:
@@ -120,7 +118,5 @@ class LossConfig:
             (self.kl_direction in ("forward", "reverse"), f"--kl must be forward or reverse (got {self.kl_direction})"),
             (self.temperature > 0, f"--kl-temperature must be > 0 (got {self.temperature})"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise MtpdError(message)
+        require(checks)
         return self

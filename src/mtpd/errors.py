@@ -14,3 +14,10 @@ def first_line(exc: BaseException) -> str:
     one-line MtpdError quotes from a library's error."""
     text = str(exc)
     return text.splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def require(checks: list[tuple[bool, str]], prefix: str = "") -> None:
+    """Raise MtpdError(prefix + message) for the first (ok, message) check that failed."""
+    for ok, message in checks:
+        if not ok:
+            raise MtpdError(prefix + message)

@@ -34,7 +34,7 @@ from mtpd.checkpoint import (STATE_FILE, USE_AN_EARLIER_ONE, checkpoint_dir, lis
                              save_checkpoint)
 from mtpd.config import LossConfig
 from mtpd.data import TokenBatches, validation_windows
-from mtpd.errors import MtpdError
+from mtpd.errors import MtpdError, require
 from mtpd.evaluate import evaluate
 from mtpd.losses import LossTerms, mtp_d_loss, top_n_for_mass
 from mtpd.model import MTPModel
@@ -101,9 +101,7 @@ class TrainConfig:
             (self.frozen_heads >= 0, f"frozen_heads must be >= 0 (got {self.frozen_heads})"),
             (self.dtype in ("auto", "fp32", "bf16"), f"--dtype must be auto, fp32 or bf16 (got {self.dtype})"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise MtpdError(message)
+        require(checks)
         return self
 
 
