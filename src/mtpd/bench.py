@@ -117,8 +117,10 @@ def _batches(prompts: list[list[int]], size: int) -> list[list[list[int]]]:
 def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchConfig,
                   progress: Callable[[str], None] | None = None,
                   calibration_prompts: list[list[int]] | None = None) -> dict:
-    """`calibration_prompts`: held-out prompts the tree (with `tree` and no `tree_shape`) or the number of heads
-    (with `auto_heads`) is calibrated on."""
+    """Calibrate what the config asks to be chosen, time every method (`time_methods`) and report (DESIGN §6;
+    `speculative_metrics` per drafter; `seconds`: the warm-up and the timed rounds). `calibration_prompts`:
+    held-out prompts the tree (with `tree` and no `tree_shape`) or the number of heads (with `auto_heads`) is
+    calibrated on."""
     model = checkpoint.model.eval()
     device = next(model.parameters()).device  # sampling draws from a generator on the model's device
     heads, heads_calibration = _heads(model, cfg), None
@@ -130,73 +132,11 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
                                             cfg.calibration_tokens(model.num_heads), progress=progress)
         heads = heads_calibration.shape.depth
     rule = make_rule(cfg.temperature, cfg.top_k, cfg.top_p)
-    batches = _batches(prompts, cfg.batch_size)
-    generate_spec = lambda tree: lambda b, g: speculative_generate(  # noqa: E731
-        model, b, cfg.max_new_tokens, rule, heads, generator=g, tree=tree,
-        draft_threshold=cfg.draft_threshold if tree is None else 0.0)
-    methods: dict[str, Callable[[list[list[int]], torch.Generator], Generation]] = {
-        "autoregressive": lambda b, g: autoregressive_generate(model.main, b, cfg.max_new_tokens, rule, generator=g),
-        "speculative": generate_spec(None),
-    }
     trees, calibration = _trees(model, heads, cfg, calibration_prompts, progress)
-    for name, tree in trees.items():
-        methods[name] = generate_spec(tree)
-    if cfg.no_cache_baseline:
-        methods["autoregressive_no_cache"] = lambda b, g: autoregressive_generate(
-            model.main, b, cfg.max_new_tokens, rule, use_cache=False, generator=g)
-    if isinstance(model.main, HFBackbone):  # what users of a Hugging Face model would run instead
-        methods |= hf_peer_methods(model.main.model, cfg.max_new_tokens, rule)
-
-    for name, generate in methods.items():  # warm-up: first-call allocations, lazy init
-        generate(batches[0], torch.Generator(device).manual_seed(cfg.seed))
-    started, clock = time.perf_counter(), wall_clock(device)
-    seconds, cpu_seconds = dict.fromkeys(methods, 0.0), dict.fromkeys(methods, 0.0)
-    tokens = dict.fromkeys(methods, 0)
-    outputs: dict[str, list[list[int]]] = {name: [] for name in methods}
-    steps: dict[str, Generation] = {name: Generation([]) for name in methods}  # round 0's per-step records
-    for round_index in range(cfg.rounds):
-        for name, generate in methods.items():
-            generator = torch.Generator(device).manual_seed(cfg.seed + round_index)
-            for batch in batches:
-                t0, c0 = clock(), time.process_time()
-                result = generate(batch, generator)
-                seconds[name] += clock() - t0
-                cpu_seconds[name] += time.process_time() - c0
-                tokens[name] += result.num_tokens
-                if round_index == 0:
-                    outputs[name] += result.tokens
-                    steps[name].accepted += result.accepted
-                    steps[name].drafted += result.drafted
-                    steps[name].verified += result.verified
-            if progress:
-                progress(f"round {round_index + 1}/{cfg.rounds}: {name} {tokens[name] / seconds[name]:.1f} tok/s")
-
-    rate = {name: tokens[name] / seconds[name] for name in methods}
-    cpu_rate = {name: tokens[name] / cpu_seconds[name] if cpu_seconds[name] else None for name in methods}
+    methods = _methods(model, cfg, rule, heads, trees)
+    started = time.perf_counter()
+    timed = time_methods(methods, _batches(prompts, cfg.batch_size), cfg.rounds, cfg.seed, device, progress)
     greedy = isinstance(rule, Greedy)
-
-    def speculative_metrics(name: str) -> dict:
-        accepted, drafted, verified = steps[name].accepted, steps[name].drafted, steps[name].verified
-        tau = mean_accepted_tokens(accepted)
-        speedup = rate[name] / rate["autoregressive"]
-        return {
-            "spec_tokens_per_s": rate[name],
-            "speedup": speedup,
-            "speedup_vs_no_cache": (rate[name] / rate["autoregressive_no_cache"]
-                                    if "autoregressive_no_cache" in rate else None),
-            "spec_tokens_per_cpu_s": cpu_rate[name],
-            "cpu_speedup": (cpu_rate[name] / cpu_rate["autoregressive"]
-                            if cpu_rate[name] and cpu_rate["autoregressive"] else None),
-            "mean_accepted_tokens": tau,
-            "efficiency": speedup / tau if tau else None,
-            "mean_draft_length": sum(drafted) / len(drafted) if drafted else 0.0,
-            "tokens_verified_per_step": 1 + sum(verified) / len(verified) if verified else 1.0,
-            "acceptance_rate": acceptance_rates(accepted, heads, drafted),
-            "cumulative_acceptance": cumulative_acceptance(accepted, heads),
-            "verification_steps": len(accepted),
-            "identical_to_baseline": outputs[name] == outputs["autoregressive"] if greedy else None,
-        }
-
     report = {
         "model": checkpoint.config.get("model"),
         "checkpoint": str(checkpoint.path),
@@ -215,15 +155,15 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
         "top_k": cfg.top_k,
         "top_p": cfg.top_p,
         "rounds": cfg.rounds,
-        "baseline_tokens_per_s": rate["autoregressive"],
-        "no_cache_tokens_per_s": rate.get("autoregressive_no_cache"),
-        "baseline_tokens_per_cpu_s": cpu_rate["autoregressive"],
+        "baseline_tokens_per_s": timed.rate["autoregressive"],
+        "no_cache_tokens_per_s": timed.rate.get("autoregressive_no_cache"),
+        "baseline_tokens_per_cpu_s": timed.cpu_rate["autoregressive"],
         "draft_threshold": cfg.draft_threshold,
-        **speculative_metrics("speculative"),
-        "peers": _peer_report(rate, outputs, rule, cfg.batch_size),
+        **speculative_metrics(timed, "speculative", heads, greedy),
+        "peers": _peer_report(timed.rate, timed.outputs, rule, cfg.batch_size),
     }
     for name, tree in trees.items():
-        report[name] = {**speculative_metrics(name), "drafter": tree.describe(),
+        report[name] = {**speculative_metrics(timed, name, heads, greedy), "drafter": tree.describe(),
                         "calibration": calibration.report() if calibration and name == "tree" else None}
     if "tree" in trees:
         report["tree_vs_chain"] = {
@@ -231,6 +171,95 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
             "speedup": report["tree"]["speedup"] / report["speedup"]}
     report |= {"torch_version": torch.__version__, "seconds": time.perf_counter() - started}
     return report
+
+
+def _methods(model, cfg: BenchConfig, rule, heads: int,
+             trees: dict) -> dict[str, Callable[[list[list[int]], torch.Generator], Generation]]:
+    """Every way of decoding the bench compares, by report name: KV-cached AR (the baseline), the chain,
+    the trees, no-cache AR, and a Hugging Face model's own methods."""
+    def speculative(tree):
+        threshold = cfg.draft_threshold if tree is None else 0.0  # dynamic draft length is the chain's
+        return lambda batch, generator: speculative_generate(model, batch, cfg.max_new_tokens, rule, heads,
+                                                             generator=generator, tree=tree,
+                                                             draft_threshold=threshold)
+
+    methods = {"autoregressive": lambda batch, generator: autoregressive_generate(
+                   model.main, batch, cfg.max_new_tokens, rule, generator=generator),
+               "speculative": speculative(None)}
+    methods |= {name: speculative(tree) for name, tree in trees.items()}
+    if cfg.no_cache_baseline:
+        methods["autoregressive_no_cache"] = lambda batch, generator: autoregressive_generate(
+            model.main, batch, cfg.max_new_tokens, rule, use_cache=False, generator=generator)
+    if isinstance(model.main, HFBackbone):  # what users of a Hugging Face model would run instead
+        methods |= hf_peer_methods(model.main.model, cfg.max_new_tokens, rule)
+    return methods
+
+
+@dataclass
+class Timed:
+    """What the timed rounds measured, per method."""
+
+    rate: dict[str, float]  # generated tokens per second of wall time
+    cpu_rate: dict[str, float | None]  # per second of this process's CPU time
+    outputs: dict[str, list[list[int]]]  # round 0's tokens
+    records: dict[str, Generation]  # round 0's per-step records (speculative methods)
+
+
+def time_methods(methods: dict, batches: list[list[list[int]]], rounds: int, seed: int, device: torch.device,
+                 progress: Callable[[str], None] | None = None) -> Timed:
+    """One warm-up call of every method, then `rounds` interleaved rounds over all batches; round r samples
+    with seed + r for every method alike."""
+    for generate in methods.values():  # warm-up: first-call allocations, lazy init
+        generate(batches[0], torch.Generator(device).manual_seed(seed))
+    clock = wall_clock(device)
+    seconds, cpu_seconds = dict.fromkeys(methods, 0.0), dict.fromkeys(methods, 0.0)
+    tokens = dict.fromkeys(methods, 0)
+    outputs: dict[str, list[list[int]]] = {name: [] for name in methods}
+    records = {name: Generation([]) for name in methods}
+    for round_index in range(rounds):
+        for name, generate in methods.items():
+            generator = torch.Generator(device).manual_seed(seed + round_index)
+            for batch in batches:
+                t0, c0 = clock(), time.process_time()
+                result = generate(batch, generator)
+                seconds[name] += clock() - t0
+                cpu_seconds[name] += time.process_time() - c0
+                tokens[name] += result.num_tokens
+                if round_index == 0:
+                    outputs[name] += result.tokens
+                    records[name].accepted += result.accepted
+                    records[name].drafted += result.drafted
+                    records[name].verified += result.verified
+            if progress:
+                progress(f"round {round_index + 1}/{rounds}: {name} {tokens[name] / seconds[name]:.1f} tok/s")
+    return Timed({name: tokens[name] / seconds[name] for name in methods},
+                 {name: tokens[name] / cpu_seconds[name] if cpu_seconds[name] else None for name in methods},
+                 outputs, records)
+
+
+def speculative_metrics(timed: Timed, name: str, heads: int, greedy: bool) -> dict:
+    """DESIGN §5-6 metrics of one speculative method, against the KV-cached AR baseline of the same rounds."""
+    record, rate, cpu_rate = timed.records[name], timed.rate, timed.cpu_rate
+    accepted, drafted, verified = record.accepted, record.drafted, record.verified
+    tau = mean_accepted_tokens(accepted)
+    speedup = rate[name] / rate["autoregressive"]
+    return {
+        "spec_tokens_per_s": rate[name],
+        "speedup": speedup,
+        "speedup_vs_no_cache": (rate[name] / rate["autoregressive_no_cache"]
+                                if "autoregressive_no_cache" in rate else None),
+        "spec_tokens_per_cpu_s": cpu_rate[name],
+        "cpu_speedup": (cpu_rate[name] / cpu_rate["autoregressive"]
+                        if cpu_rate[name] and cpu_rate["autoregressive"] else None),
+        "mean_accepted_tokens": tau,
+        "efficiency": speedup / tau if tau else None,
+        "mean_draft_length": sum(drafted) / len(drafted) if drafted else 0.0,
+        "tokens_verified_per_step": 1 + sum(verified) / len(verified) if verified else 1.0,
+        "acceptance_rate": acceptance_rates(accepted, heads, drafted),
+        "cumulative_acceptance": cumulative_acceptance(accepted, heads),
+        "verification_steps": len(accepted),
+        "identical_to_baseline": timed.outputs[name] == timed.outputs["autoregressive"] if greedy else None,
+    }
 
 
 def _heads(model, cfg: BenchConfig) -> int:
