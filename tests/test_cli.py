@@ -236,6 +236,7 @@ def test_bench_tree_runs_chain_and_trees_side_by_side(tmp_path, capsys, corpus_d
     (["--tree-shape", "0 1.0"], "has no parent"),
     (["--tree-shape", "0 0.0 0.0.0"], "the draft tree is 3 deep but 2 heads draft"),
     (["--tree", "--tree-nodes", "1"], "--tree-nodes must be >= 2"),
+    (["--tree-shape", "0 500000"], "takes rank 500000 of a head's ranking but the vocabulary has"),
     (["--max-new-tokens", "1"], "--max-new-tokens must be >= 2 to benchmark speculative decoding"),
 ])
 def test_bad_tree_flags_are_one_line_errors(flags, fragment, tmp_path, capsys, corpus_dir):
@@ -264,6 +265,8 @@ def test_bench_reads_prompts_from_a_file(tmp_path, capsys, corpus_dir):
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--tree-shape", "0 x"], "cannot read tree shape '0 x'"),
     (["--tree-shape", "0 0.0 0.0.0"], "the draft tree is 3 deep but 2 heads draft"),
+    (["--tree-shape", "0 999999"], "takes rank 999999 of a head's ranking but the vocabulary has"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
 ])
 def test_bad_generate_flags_are_one_line_errors(flags, fragment, tmp_path, capsys, corpus_dir):
     saved_run(tmp_path / "run", corpus_dir)

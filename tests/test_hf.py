@@ -288,6 +288,8 @@ def test_export_refuses_a_non_empty_directory(tmp_path, capsys):
     (tmp_path / "out" / "x").write_text("")
     assert main(["export-hf", "--ckpt", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "not empty" in capsys.readouterr().err
+    assert main(["export-hf", "--ckpt", str(tmp_path), "--out", str(tmp_path / "out" / "x")]) == 2  # a file
+    assert "not a directory" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -274,8 +274,8 @@ def check_tree(checkpoint: Checkpoint, cfg: BenchConfig) -> None:
     Face model; a tree deeper than the heads) before any work: calibration prompts, warm-up."""
     if cfg.tree:
         model = checkpoint.model
-        depth = 1 if cfg.tree_shape is None else TreeShape.parse(cfg.tree_shape).depth
-        require_tree_support(model, depth, _heads(model, cfg))
+        shape = TreeShape.chain(1) if cfg.tree_shape is None else TreeShape.parse(cfg.tree_shape)
+        require_tree_support(model, shape.depth, _heads(model, cfg), shape.candidates)
 
 
 def _trees(model, heads: int, cfg: BenchConfig, calibration_prompts: list[list[int]] | None,

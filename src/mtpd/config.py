@@ -33,18 +33,24 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def validate(self) -> "ModelConfig":
-        checks = [
-            (self.vocab_size >= 2, "vocab_size must be >= 2"),
-            (self.d_model % self.n_heads == 0, f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}"),
-            (self.head_dim % 2 == 0, f"head size d_model/n_heads = {self.head_dim} must be even for RoPE"),
-            (self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0,
-             f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}"),
-            (self.n_layers >= 1, "n_layers must be >= 1"),
-            (self.ffn_dim >= 1, "ffn_dim must be >= 1"),
-            (self.max_seq_len >= 2, "max_seq_len must be >= 2"),
+        """Sizes first (so the divisibility checks below never divide by zero), then how they fit together."""
+        require([
+            (self.vocab_size >= 2, f"vocab_size (--vocab-size) must be >= 2 (got {self.vocab_size})"),
+            (self.d_model >= 1, f"d_model (--d-model) must be >= 1 (got {self.d_model})"),
+            (self.n_heads >= 1, f"n_heads (--attn-heads) must be >= 1 (got {self.n_heads})"),
+            (self.n_kv_heads >= 1, f"n_kv_heads (--kv-heads) must be >= 1 (got {self.n_kv_heads})"),
+            (self.n_layers >= 1, f"n_layers (--n-layers) must be >= 1 (got {self.n_layers})"),
+            (self.ffn_dim >= 1, f"ffn_dim (--ffn-dim) must be >= 1 (got {self.ffn_dim})"),
+            (self.max_seq_len >= 2, f"max_seq_len (--max-seq-len) must be >= 2 (got {self.max_seq_len})"),
             (self.mtp_heads >= 0, f"--heads must be >= 0 (got {self.mtp_heads})"),
-        ]
-        require(checks, prefix="invalid model config: ")
+        ], prefix="invalid model config: ")
+        require([
+            (self.d_model % self.n_heads == 0,
+             f"d_model {self.d_model} must be divisible by n_heads {self.n_heads} (--attn-heads)"),
+            (self.head_dim % 2 == 0, f"head size d_model/n_heads = {self.head_dim} must be even for RoPE"),
+            (self.n_heads % self.n_kv_heads == 0,
+             f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads} (--kv-heads)"),
+        ], prefix="invalid model config: ")
         return self
 
     def to_dict(self) -> dict:

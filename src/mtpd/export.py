@@ -16,7 +16,7 @@ import torch
 from mtpd.atomic import atomic_directory
 from mtpd.checkpoint import is_head_only, load_checkpoint
 from mtpd.data import eos_id
-from mtpd.errors import MtpdError
+from mtpd.errors import MtpdError, first_line
 from mtpd.model import Decoder
 
 
@@ -71,14 +71,17 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
     except ImportError:
         raise MtpdError("export-hf needs the transformers library: pip install 'mtpd[hf]'") from None
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise MtpdError(f"{out_dir} exists and is not empty: choose another --out")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise MtpdError(f"{out_dir} exists and is not empty (or not a directory): choose another --out")
     checkpoint = load_checkpoint(ckpt)
     if is_head_only(checkpoint.config):
         raise MtpdError(f"{checkpoint.path} holds heads on a Hugging Face model, which is already in Hugging Face "
                         f"format ({checkpoint.config['backbone']['path']}): nothing to export")
     eos_token = checkpoint.tokenizer.id_to_token(eos_id(checkpoint.tokenizer))
-    with atomic_directory(out_dir) as tmp:  # replaces the empty directory, if any
-        to_llama(checkpoint.model.main, eos_id(checkpoint.tokenizer)).save_pretrained(tmp)
-        PreTrainedTokenizerFast(tokenizer_object=checkpoint.tokenizer, eos_token=eos_token).save_pretrained(tmp)
+    try:
+        with atomic_directory(out_dir) as tmp:  # replaces the empty directory, if any
+            to_llama(checkpoint.model.main, eos_id(checkpoint.tokenizer)).save_pretrained(tmp)
+            PreTrainedTokenizerFast(tokenizer_object=checkpoint.tokenizer, eos_token=eos_token).save_pretrained(tmp)
+    except OSError as exc:
+        raise MtpdError(f"cannot write {out_dir} ({exc.strerror or first_line(exc)}): choose another --out") from None
     return out_dir

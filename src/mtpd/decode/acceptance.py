@@ -97,7 +97,7 @@ class SpeculativeSampling:
 
 def make_rule(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
     """temperature 0 means greedy."""
-    if temperature < 0:
+    if not temperature >= 0:  # nan too
         raise MtpdError(f"--temperature must be >= 0, 0 = greedy (got {temperature})")
     if top_k is not None and top_k < 1:
         raise MtpdError(f"--top-k must be >= 1 (got {top_k})")

@@ -182,7 +182,7 @@ def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_toke
     (decode/tree_draft.py)."""
     K = model.num_heads if num_heads is None else min(num_heads, model.num_heads)
     if tree is not None:
-        require_tree_support(model, tree.depth, K)
+        require_tree_support(model, tree.depth, K, tree.candidates)
     extra = K + 1 if tree is None else max(K + 1, tree.max_nodes)
     batch = make_batch(prompts, max_new_tokens, model.main.max_seq_len, extra, next(model.parameters()).device)
     state = prefill(model, batch, rule, K, generator)

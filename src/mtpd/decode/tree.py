@@ -88,6 +88,11 @@ class TreeShape:
     def ranks(self) -> list[int]:
         return [0] + [p[-1] for p in self.paths]
 
+    @property
+    def candidates(self) -> int:
+        """The most tokens any node takes from one head's ranking (its deepest rank + 1)."""
+        return max(max(p) for p in self.paths) + 1
+
 
 def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
     """parents [..., N] (depth order, root -1) -> [..., N, N] bool: [j, i] = node i is node j or an ancestor."""
@@ -138,9 +143,10 @@ def path_nodes(ancestors: torch.Tensor, depth: torch.Tensor, node: torch.Tensor,
     return torch.where(at_level.any(-1), at_level.long().argmax(-1), -1)
 
 
-def require_tree_support(model: MTPModel, depth: int, num_heads: int) -> None:
+def require_tree_support(model: MTPModel, depth: int, num_heads: int, candidates: int = 1) -> None:
     """Refuse a tree of `depth` that this model cannot draft with `num_heads` heads: the main model has no
-    tree attention (a Hugging Face backbone), or the tree is deeper than the heads."""
+    tree attention (a Hugging Face backbone), the tree is deeper than the heads, or a node takes more
+    `candidates` from a head's ranking than the vocabulary has tokens."""
     if not model.main.supports_tree_attention:
         raise MtpdError(f"tree drafting needs tree attention in the main model, which only mtpd's built-in "
                         f"decoder has; this one ({type(model.main).__name__}) drafts chains only, as heads on a "
@@ -148,3 +154,6 @@ def require_tree_support(model: MTPModel, depth: int, num_heads: int) -> None:
     if depth > num_heads:
         raise MtpdError(f"the draft tree is {depth} deep but {num_heads} heads draft: use a tree at most "
                         f"{num_heads} deep, or a checkpoint with more heads")
+    if candidates > model.cfg.vocab_size:
+        raise MtpdError(f"the draft tree takes rank {candidates - 1} of a head's ranking but the vocabulary has "
+                        f"{model.cfg.vocab_size} tokens: use ranks below {model.cfg.vocab_size}")

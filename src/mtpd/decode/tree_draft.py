@@ -79,6 +79,7 @@ class TreeDrafter:
 
     depth: int  # heads 1..depth draft
     max_nodes: int  # nodes drafted per step, the root included
+    candidates: int  # the most tokens a node takes from one head's ranking
 
     def describe(self) -> dict:
         raise NotImplementedError
@@ -197,8 +198,7 @@ class StaticTree(TreeDrafter):
 
     def __init__(self, shape: TreeShape):
         self.shape = shape
-        self.depth = shape.depth
-        self.max_nodes = shape.num_nodes
+        self.depth, self.max_nodes, self.candidates = shape.depth, shape.num_nodes, shape.candidates
         parents = torch.tensor(shape.parents())
         depth = torch.tensor(shape.depths())
         ranks = torch.tensor(shape.ranks())
@@ -268,7 +268,7 @@ class DynamicTree(TreeDrafter):
         if depth < 1 or width < 1 or children < 1 or nodes < 2:
             raise MtpdError(f"dynamic tree needs depth, width, children >= 1 and nodes >= 2 (got {depth}, {width}, "
                             f"{children}, {nodes})")
-        self.depth, self.width, self.children = depth, width, children
+        self.depth, self.width, self.children, self.candidates = depth, width, children, children
         sizes, expanded = [1], []
         for _ in range(depth):
             expanded.append(min(width, sizes[-1]))
