@@ -84,3 +84,24 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
     step = int(err.split(" at step ")[1].split(";")[0])
     assert [s for s, _ in list_checkpoints(out)][-1] == step - 1  # the checkpoint before the bad step is latest
     assert str(checkpoint_dir(out, step - 1)) in err
+
+
+def test_metrics_log_restarts_with_the_run_it_belongs_to(tmp_path, capsys, corpus_dir):
+    """A resumed run drops what an interrupted segment logged after its checkpoint; a new run in a directory
+    with no checkpoint (a run stopped before its first) starts a new log."""
+    out = tmp_path / "run"
+    flags = ["train", *MICRO, "--batch-size", "4", "--data", corpus_dir, "--save-every", "2", "--out", out]
+    log = out / "metrics.jsonl"
+    out.mkdir()
+    log.write_text('{"event": "train", "step": 1, "stale": true}\n{"torn')  # a run killed before any checkpoint
+    code, _, err = run(capsys, *flags, "--max-steps", "2")
+    assert code == 0, err
+    assert "stale" not in log.read_text()
+    with open(log, "a") as f:  # what a segment killed after the step-2 checkpoint might have logged
+        f.write(json.dumps({"event": "train", "step": 3, "stale": True}) + "\n")
+    code, _, err = run(capsys, *flags, "--max-steps", "4", "--resume")
+    assert code == 0, err
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert not any(r.get("stale") for r in records)
+    steps = [r["step"] for r in records if "step" in r]
+    assert steps == sorted(steps) and steps[-1] == 4

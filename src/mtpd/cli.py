@@ -471,8 +471,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # Checkpoints are written atomically, so an interrupted run can always be continued.
-        hint = ": the latest checkpoint is intact; continue with --resume" if args.command in ("train", "extend", "experiment", "demo") else ""
+        # Checkpoints are written atomically, so an interrupted run can always be continued from the last one.
+        hint = {"train": ": checkpoints are intact; continue with the same command plus --resume (before the first "
+                         "checkpoint nothing was saved: run the command again)",
+                "extend": ": checkpoints are intact; continue with the same command plus --resume",
+                "experiment": ": finished variants are kept; run the same command again to continue",
+                "demo": ": run it again to continue"}.get(args.command, "")
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
 

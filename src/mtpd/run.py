@@ -79,7 +79,7 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, loss_cfg: LossConfi
     train together in _fit, data-parallel (or sharded, with fsdp); rank 0 alone logs and writes."""
     out_dir, log = Path(out_dir), distributed.on_main_process(log)
     require_torchrun_for_fsdp(fsdp)
-    if _continues_a_run(out_dir, resume):
+    if _continues_a_run(out_dir, resume, log):
         return resume_run(out_dir, train_cfg.budget, device, show_progress, log, fsdp=fsdp)
     dev = resolve_device(device)
     _check_writable(out_dir)
@@ -104,7 +104,7 @@ def train_heads(hf_path: str | Path | None, num_heads: int, train_cfg: TrainConf
     if fsdp:  # refused before the model loads and the corpus is tokenized
         raise MtpdError(NO_FSDP_FOR_HF)
     out_dir, log = Path(out_dir), distributed.on_main_process(log)
-    if _continues_a_run(out_dir, resume):
+    if _continues_a_run(out_dir, resume, log):
         return resume_run(out_dir, train_cfg.budget, device, show_progress, log, backbone_path=hf_path, fsdp=fsdp)
     if hf_path is None:
         raise MtpdError("no model to train heads on: pass --hf PATH (a local Hugging Face model directory)")
@@ -134,7 +134,7 @@ def extend(ckpt: str | Path, num_heads: int, out_dir: str | Path, budget: dict |
     """
     out_dir, log = Path(out_dir), distributed.on_main_process(log)
     require_torchrun_for_fsdp(fsdp)
-    if _continues_a_run(out_dir, resume):
+    if _continues_a_run(out_dir, resume, log):
         return resume_run(out_dir, budget or {}, device, show_progress, log, fsdp=fsdp)
     if not 0 < fraction <= 1:
         raise MtpdError(f"--fraction must be in (0, 1] (got {fraction})")
@@ -184,11 +184,13 @@ def resume_run(out_dir: Path, budget: dict, device: str = "auto", show_progress:
                 log, resume=True, fsdp=fsdp)
 
 
-def _continues_a_run(out_dir: Path, resume: bool) -> bool:
+def _continues_a_run(out_dir: Path, resume: bool, log) -> bool:
     existing = list_checkpoints(out_dir)
     if existing and not resume:
         raise MtpdError(f"{out_dir} already holds checkpoints (latest step {existing[-1][0]}): pass --resume to "
                         f"continue that run, or choose another --out")
+    if resume and not existing:
+        log(f"nothing to resume in {out_dir} (no checkpoint yet): a new run starts there")
     return bool(existing)
 
 

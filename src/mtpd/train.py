@@ -34,6 +34,7 @@ from mtpd.checkpoint import (STATE_FILE, USE_AN_EARLIER_ONE, checkpoint_dir, lis
                              save_checkpoint)
 from mtpd.config import LossConfig
 from mtpd.data import TokenBatches, validation_windows
+from mtpd.atomic import atomic_file
 from mtpd.errors import MtpdError, require
 from mtpd.evaluate import evaluate
 from mtpd.losses import LossTerms, mtp_d_loss, top_n_for_mass
@@ -242,8 +243,9 @@ class Trainer:
     def _stop_on_non_finite_loss(self, loss: float) -> None:
         last = list_checkpoints(self.out_dir)
         kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
-        raise MtpdError(f"loss became {loss} at step {self.step + 1}; training stopped and {kept}: lower --lr "
-                        f"(now {self.cfg.lr}) or use --dtype fp32, then --resume")
+        fix = f"a lower --lr (now {self.cfg.lr})" + (" or --dtype fp32" if self.autocast is not None else "")
+        raise MtpdError(f"loss became {loss} at step {self.step + 1}; training stopped and {kept}: train again "
+                        f"with {fix}" + (" into a new --out (--resume keeps a run's settings)" if last else ""))
 
     # --- evaluation, logging, checkpoints -------------------------------------------------------------------
     def run_eval(self) -> dict:
@@ -274,6 +276,16 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def _trim_log(self) -> None:
+        """metrics.jsonl as of the step training starts from: empty for a new run; for a resumed one, without
+        the records an interrupted segment logged after the checkpoint it resumes from."""
+        path = self.out_dir / "metrics.jsonl"
+        if not self.is_main or not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if self.step and _logged_step(line) <= self.step]
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
@@ -343,6 +355,7 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train until the budget is reached; evaluate and checkpoint at the end. Returns the last evaluation."""
+        self._trim_log()
         if self.step == 0:  # a resumed run keeps the random state restored from its checkpoint
             torch.manual_seed(self.cfg.seed)
             self._refresh_top_n()
@@ -398,3 +411,11 @@ def _read_trainer_state(checkpoint: Path, device: torch.device) -> dict:
     except Exception as exc:  # a truncated or overwritten file: torch and pickle raise many different types
         raise MtpdError(f"cannot read {checkpoint / STATE_FILE} ({type(exc).__name__}): the checkpoint is corrupt; "
                         f"{USE_AN_EARLIER_ONE}") from None
+
+
+def _logged_step(line: str) -> float:
+    """The step a metrics.jsonl record was logged at (0: the run's start; infinity: a torn line)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
