@@ -173,6 +173,7 @@ def test_more_bad_train_numbers_are_one_line_errors(flags, fragment, tmp_path, c
 @pytest.mark.parametrize("flags, fragment", [
     (["--seq-len", "1"], "--seq-len must be >= 2 (got 1)"),
     (["--windows", "-3"], "--windows must be >= 1 (got -3)"),
+    (["--seq-len", "1000"], "--seq-len 1000 exceeds the model's context"),
 ])
 def test_bad_eval_numbers_are_one_line_errors(flags, fragment, run_dir, capsys):
     before = snapshot(run_dir)
@@ -187,3 +188,37 @@ def test_seq_len_beyond_the_context_is_one_line(tmp_path, capsys, corpus_dir):
     assert_one_line_error(code, err, "--seq-len 512 exceeds the model's context 128: lower --seq-len or raise "
                                      "--max-seq-len")
     assert not list_checkpoints(tmp_path / "run")
+
+
+def test_a_moved_corpus_is_named_and_found_again_with_data(tmp_path, capsys, corpus_dir):
+    """eval, bench and --resume read the corpus a run trained on from its checkpoint; once it moved, they say
+    so and take --data (a resumed run only with the same documents)."""
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", *MICRO, "--data", corpus_dir, "--max-steps", 2, "--save-every", 2,
+                       "--out", out)
+    assert code == 0, err
+    moved = tmp_path / "moved"
+    shutil.move(corpus_dir, moved)
+    bench = ["bench", "--ckpt", out, "--num-prompts", 1, "--prompt-tokens", 8, "--max-new-tokens", 4, "--rounds", 1,
+             "--skip-no-cache"]
+    for command in (["eval", "--ckpt", out], bench, ["train", "--out", out, "--resume", "--max-steps", 3]):
+        code, _, err = run(capsys, *command)
+        assert_one_line_error(code, err, f"the corpus this checkpoint was trained on, {corpus_dir}, is not there any "
+                                         f"more: pass --data")
+    for command in (["eval", "--ckpt", out], bench, ["train", "--out", out, "--resume", "--max-steps", 3]):
+        code, _, err = run(capsys, *command, "--data", moved)
+        assert code == 0, err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.py").write_text(SAMPLE_TEXT * 20)
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--max-steps", 4, "--data", other)
+    assert_one_line_error(code, err, "is not the one this run trained on")
+
+
+def test_bench_refuses_more_tokens_than_the_context_holds(tmp_path, capsys, corpus_dir):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", *MICRO, "--data", corpus_dir, "--max-steps", 1, "--out", out)
+    assert code == 0, err
+    code, _, err = run(capsys, "bench", "--ckpt", out, "--num-prompts", 1, "--prompt-tokens", 64,
+                       "--max-new-tokens", 100, "--rounds", 1, "--skip-no-cache")
+    assert_one_line_error(code, err, "plus --max-new-tokens 100 exceed the model's context of 128 tokens")

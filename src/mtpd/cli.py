@@ -228,9 +228,13 @@ def cmd_bench(args) -> int:
                       tree_dynamic=args.tree_dynamic).validate()
     checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device), args.hf)
     check_tree(checkpoint, cfg)  # a backbone without tree attention, a tree deeper than the heads: before any work
-    prompts = benchmark_prompts(checkpoint, args.prompts, args.num_prompts, args.prompt_tokens)
-    calibration = (benchmark_prompts(checkpoint, None, cfg.calibration_prompts, args.prompt_tokens, offset=0.5)
-                   if cfg.calibrates else None)
+    prompts = benchmark_prompts(checkpoint, args.prompts, args.num_prompts, args.prompt_tokens, data_path=args.data)
+    context, longest = checkpoint.model.main.max_seq_len, max(len(p) for p in prompts)
+    if longest + cfg.max_new_tokens > context:  # every method must generate exactly --max-new-tokens
+        raise MtpdError(f"prompts of up to {longest} tokens plus --max-new-tokens {cfg.max_new_tokens} exceed the "
+                        f"model's context of {context} tokens: lower --max-new-tokens or --prompt-tokens")
+    calibration = (benchmark_prompts(checkpoint, None, cfg.calibration_prompts, args.prompt_tokens, offset=0.5,
+                                     data_path=args.data) if cfg.calibrates else None)
     report = run_benchmark(checkpoint, prompts, cfg, progress=lambda line: print(line, file=sys.stderr),
                            calibration_prompts=calibration)
     print(bench_table(report))
@@ -388,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_flags(p, hf=True)
     p.add_argument("--prompts", help="text file, one prompt per line (default: slices of the checkpoint's "
                                      "validation split)")
+    p.add_argument("--data", help="the corpus whose validation split gives the prompts and calibration prompts "
+                                  "(default: the one the checkpoint was trained on)")
     p.add_argument("--num-prompts", type=int, default=8, help="validation prompts (default: 8)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="tokens per validation prompt (default: 64)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")

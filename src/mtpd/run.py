@@ -80,7 +80,7 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, loss_cfg: LossConfi
     out_dir, log = Path(out_dir), distributed.on_main_process(log)
     require_torchrun_for_fsdp(fsdp)
     if _continues_a_run(out_dir, resume, log):
-        return resume_run(out_dir, train_cfg.budget, device, show_progress, log, fsdp=fsdp)
+        return resume_run(out_dir, train_cfg.budget, device, show_progress, log, fsdp=fsdp, data_path=data_path)
     dev = resolve_device(device)
     _check_writable(out_dir)
     data = tokenized_corpus(data_path, model_cfg.vocab_size, tokenizer_path)
@@ -105,7 +105,8 @@ def train_heads(hf_path: str | Path | None, num_heads: int, train_cfg: TrainConf
         raise MtpdError(NO_FSDP_FOR_HF)
     out_dir, log = Path(out_dir), distributed.on_main_process(log)
     if _continues_a_run(out_dir, resume, log):
-        return resume_run(out_dir, train_cfg.budget, device, show_progress, log, backbone_path=hf_path, fsdp=fsdp)
+        return resume_run(out_dir, train_cfg.budget, device, show_progress, log, backbone_path=hf_path, fsdp=fsdp,
+                          data_path=data_path)
     if hf_path is None:
         raise MtpdError("no model to train heads on: pass --hf PATH (a local Hugging Face model directory)")
     dev = resolve_device(device)
@@ -135,7 +136,7 @@ def extend(ckpt: str | Path, num_heads: int, out_dir: str | Path, budget: dict |
     out_dir, log = Path(out_dir), distributed.on_main_process(log)
     require_torchrun_for_fsdp(fsdp)
     if _continues_a_run(out_dir, resume, log):
-        return resume_run(out_dir, budget or {}, device, show_progress, log, fsdp=fsdp)
+        return resume_run(out_dir, budget or {}, device, show_progress, log, fsdp=fsdp, data_path=data_path)
     if not 0 < fraction <= 1:
         raise MtpdError(f"--fraction must be in (0, 1] (got {fraction})")
     dev = resolve_device(device)
@@ -155,7 +156,7 @@ def extend(ckpt: str | Path, num_heads: int, out_dir: str | Path, budget: dict |
     _check_writable(out_dir)
     history.append({"event": "extend", "from_heads": old_heads, "to_heads": num_heads,
                     "from_checkpoint": str(checkpoint.path), "budget": {k: v for k, v in budget.items() if v}})
-    data_path = data_path if data_path is not None else saved.get("data", {}).get("path")
+    data_path = corpus_of(saved, data_path)
     data = tokenized_corpus(data_path, tokenizer=checkpoint.tokenizer)
     log(f"looped extension: {old_heads} -> {num_heads} heads; main model and heads 1..{old_heads} frozen")
     return _fit(model, data, data_path, train_cfg, LossConfig(**saved["loss"]), out_dir, history, dev,
@@ -163,21 +164,26 @@ def extend(ckpt: str | Path, num_heads: int, out_dir: str | Path, budget: dict |
 
 
 def resume_run(out_dir: Path, budget: dict, device: str = "auto", show_progress: bool = True,
-               log=print, backbone_path: str | Path | None = None, fsdp: bool = False) -> tuple[dict, Path]:
+               log=print, backbone_path: str | Path | None = None, fsdp: bool = False,
+               data_path: str | None = None) -> tuple[dict, Path]:
     """Continue the run in out_dir from its latest checkpoint with the run's saved configuration (model, data,
     objective, frozen parts); a budget given now replaces the saved one (see resumed_train_config). Heads on a
-    Hugging Face model find it at its recorded path, or at `backbone_path`."""
+    Hugging Face model find it at its recorded path, or at `backbone_path`; the corpus, at its recorded path
+    or at `data_path`, where it must hold the same documents."""
     log = distributed.on_main_process(log)
     path = list_checkpoints(out_dir)[-1][1]
     saved = read_config(path)
     try:
         train_cfg = resumed_train_config(saved["train"], budget)
-        data_path = saved["data"]["path"]
+        data_path, fingerprint = corpus_of(saved, data_path), saved["data"].get("fingerprint")
         model_cfg, loss_cfg = ModelConfig.from_dict(saved["model"]), LossConfig(**saved["loss"]).validate()
     except (KeyError, TypeError) as exc:
         raise MtpdError(f"{path / 'config.json'} lacks or garbles {exc}: it was not written by mtpd's trainer, so "
                         f"the run cannot be resumed; start a new run with another --out") from None
     data = tokenized_corpus(data_path, tokenizer=checkpoint_tokenizer(path, model_cfg))
+    if fingerprint and data.corpus.fingerprint != fingerprint:  # the data order and position would not be this run's
+        raise MtpdError(f"the corpus at {data_path or 'the standard library'} is not the one this run trained on "
+                        f"(fingerprint {data.corpus.fingerprint}, the run's {fingerprint}): pass --data with that corpus")
     dev = resolve_device(device)
     model = build_model(saved, path, dev, backbone_path)
     return _fit(model, data, data_path, train_cfg, loss_cfg, out_dir, saved.get("history", []), dev, show_progress,
@@ -273,6 +279,18 @@ def _check_writable(out_dir: Path) -> None:
         raise MtpdError(f"cannot write to output directory {out_dir} ({exc.strerror}): choose another --out") from None
 
 
+def corpus_of(config: dict, data_path: str | None = None) -> str | None:
+    """The corpus to read for a checkpoint: `data_path` (--data) when given, else the one it was trained on
+    (None: the standard library), which must still be where it was."""
+    if data_path is not None:
+        return data_path
+    recorded = config.get("data", {}).get("path")
+    if recorded is not None and not Path(recorded).exists():
+        raise MtpdError(f"the corpus this checkpoint was trained on, {recorded}, is not there any more: pass --data "
+                        f"with where it is now")
+    return recorded
+
+
 def evaluate_checkpoint(ckpt: str | Path, data_path: str | None = None, seq_len: int | None = None,
                         windows: int = 64, device: str = "auto", hf: str | None = None) -> tuple[dict, Checkpoint]:
     """Validation metrics of a checkpoint on its own corpus's validation split (or on --data). `hf`: where
@@ -282,11 +300,11 @@ def evaluate_checkpoint(ckpt: str | Path, data_path: str | None = None, seq_len:
     if seq_len is not None and seq_len < 2:
         raise MtpdError(f"--seq-len must be >= 2 (got {seq_len})")
     checkpoint = load_checkpoint(ckpt, resolve_device(device), hf)
-    if data_path is None:
-        data_path = checkpoint.config.get("data", {}).get("path")
-    data = tokenized_corpus(data_path, tokenizer=checkpoint.tokenizer, splits=("val",))
-    seq_len = seq_len or checkpoint.config.get("train", {}).get("seq_len") or checkpoint.model.cfg.max_seq_len
-    seq_len = min(seq_len, checkpoint.model.cfg.max_seq_len)
+    context = checkpoint.model.cfg.max_seq_len
+    if seq_len is not None and seq_len > context:
+        raise MtpdError(f"--seq-len {seq_len} exceeds the model's context {context}: pass --seq-len <= {context}")
+    data = tokenized_corpus(corpus_of(checkpoint.config, data_path), tokenizer=checkpoint.tokenizer, splits=("val",))
+    seq_len = min(seq_len or checkpoint.config.get("train", {}).get("seq_len") or context, context)
     metrics = evaluate(checkpoint.model, validation_windows(data.val, seq_len, windows))
     metrics |= {"checkpoint": str(checkpoint.path), "data": data.corpus.name, "seq_len": seq_len,
                 "heads": checkpoint.model.num_heads}
@@ -294,15 +312,14 @@ def evaluate_checkpoint(ckpt: str | Path, data_path: str | None = None, seq_len:
 
 
 def benchmark_prompts(checkpoint: Checkpoint, prompts_file: str | None = None, num_prompts: int = 8,
-                      prompt_tokens: int = 64, offset: float = 0.0) -> list[list[int]]:
+                      prompt_tokens: int = 64, offset: float = 0.0, data_path: str | None = None) -> list[list[int]]:
     """Prompts from a file (one per line), or evenly spaced slices of the checkpoint's validation split
     (`offset` 0.5: the slices midway between those, held out for calibration)."""
     from mtpd.bench import file_prompts, validation_prompts
 
     if prompts_file is not None:
         return file_prompts(prompts_file, checkpoint.tokenizer)
-    data = tokenized_corpus(checkpoint.config.get("data", {}).get("path"), tokenizer=checkpoint.tokenizer,
-                            splits=("val",))
+    data = tokenized_corpus(corpus_of(checkpoint.config, data_path), tokenizer=checkpoint.tokenizer, splits=("val",))
     return validation_prompts(data.val, num_prompts, prompt_tokens, offset)
 
 
