@@ -161,6 +161,7 @@ def test_cuda_requested_without_cuda_is_one_line(command, run_dir, tmp_path, cap
     (["--attn-heads", "0"], "n_heads (--attn-heads) must be >= 1 (got 0)"),
     (["--d-model", "-8"], "d_model (--d-model) must be >= 1 (got -8)"),
     (["--kv-heads", "0"], "n_kv_heads (--kv-heads) must be >= 1 (got 0)"),
+    (["--heads", "8", "--seq-len", "8"], "8 heads need windows longer than --seq-len 8"),
     (["--fsdp"], "--fsdp shards the model over the processes of a torchrun launch"),
 ])
 def test_more_bad_train_numbers_are_one_line_errors(flags, fragment, tmp_path, capsys, corpus_dir):

@@ -129,3 +129,13 @@ def test_extend_with_a_bad_budget_is_one_line_and_writes_nothing(flag, value, fr
     code, _, err = run(capsys, "extend", "--ckpt", base, "--to", 2, "--out", tmp_path / "bad", flag, value)
     assert code == 2 and err.startswith("error: ") and fragment in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_resuming_an_extension_with_another_target_is_one_line(tmp_path, capsys, corpus_dir):
+    base, ext = tmp_path / "k1", tmp_path / "k2"
+    code, _, err = run(capsys, "train", *MICRO, "--heads", "1", "--data", corpus_dir, "--max-steps", 2, "--out", base)
+    assert code == 0, err
+    code, _, err = run(capsys, "extend", "--ckpt", base, "--to", 2, "--out", ext, "--max-steps", 1, "--quiet")
+    assert code == 0, err
+    code, _, err = run(capsys, "extend", "--ckpt", base, "--to", 4, "--out", ext, "--max-steps", 2, "--resume")
+    assert code == 2 and "the extension in" in err and "grows to 2 heads, not --to 4" in err

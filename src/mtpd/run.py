@@ -82,6 +82,7 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, loss_cfg: LossConfi
     if _continues_a_run(out_dir, resume, log):
         return resume_run(out_dir, train_cfg.budget, device, show_progress, log, fsdp=fsdp, data_path=data_path)
     dev = resolve_device(device)
+    _check_windows(model_cfg, train_cfg)
     _check_writable(out_dir)
     data = tokenized_corpus(data_path, model_cfg.vocab_size, tokenizer_path)
     # The tokenizer decides the vocabulary (a small corpus can yield fewer tokens than asked for).
@@ -136,6 +137,10 @@ def extend(ckpt: str | Path, num_heads: int, out_dir: str | Path, budget: dict |
     out_dir, log = Path(out_dir), distributed.on_main_process(log)
     require_torchrun_for_fsdp(fsdp)
     if _continues_a_run(out_dir, resume, log):
+        heads = read_config(list_checkpoints(out_dir)[-1][1]).get("model", {}).get("mtp_heads")
+        if heads != num_heads:
+            raise MtpdError(f"the extension in {out_dir} grows to {heads} heads, not --to {num_heads}: resume it with "
+                            f"--to {heads}, or choose another --out")
         return resume_run(out_dir, budget or {}, device, show_progress, log, fsdp=fsdp, data_path=data_path)
     if not 0 < fraction <= 1:
         raise MtpdError(f"--fraction must be in (0, 1] (got {fraction})")
@@ -200,14 +205,22 @@ def _continues_a_run(out_dir: Path, resume: bool, log) -> bool:
     return bool(existing)
 
 
+def _check_windows(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    """Training windows must fit the context and give every head a target."""
+    if train_cfg.seq_len > model_cfg.max_seq_len:
+        raise MtpdError(f"--seq-len {train_cfg.seq_len} exceeds the model's context {model_cfg.max_seq_len}: "
+                        f"lower --seq-len or raise --max-seq-len")
+    if model_cfg.mtp_heads >= train_cfg.seq_len:  # head K predicts t_{i+K+1}: K <= seq_len - 1
+        raise MtpdError(f"{model_cfg.mtp_heads} heads need windows longer than --seq-len {train_cfg.seq_len} (head K "
+                        f"predicts the token K+1 ahead): use fewer heads or a longer --seq-len")
+
+
 def _fit(model: MTPModel, data: TokenizedCorpus, data_path: str | None, train_cfg: TrainConfig, loss_cfg: LossConfig,
          out_dir: Path, history: list[dict], device: torch.device, show_progress: bool, log,
          resume: bool = False, fsdp: bool = False) -> tuple[dict, Path]:
     """Train `model` with the one Trainer until the budget; returns the final evaluation and checkpoint path.
     Under torchrun this is where the processes join: they check that they prepared the same data, then train."""
-    if train_cfg.seq_len > model.cfg.max_seq_len:
-        raise MtpdError(f"--seq-len {train_cfg.seq_len} exceeds the model's context {model.cfg.max_seq_len}: "
-                        f"lower --seq-len or raise --max-seq-len")
+    _check_windows(model.cfg, train_cfg)
     with distributed.process_group(device):
         _check_same_data_on_every_process(data)
         # The trainer lives in a function of its own so that it, and the DDP wrapper holding the process
