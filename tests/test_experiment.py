@@ -1,9 +1,11 @@
 """The experiment suite end to end on a micro configuration: every variant and metric reaches the report."""
 
+import dataclasses
 import json
 
 import pytest
 
+from mtpd.errors import MtpdError
 from mtpd.experiment import SUITES, Scale, run_suite, suite_variants
 from mtpd.report import write_experiment_report
 
@@ -56,6 +58,12 @@ def test_paper_suite_runs_end_to_end_and_reports_every_variant(tmp_path, corpus_
     again = []
     run_suite("paper", MICRO, tmp_path, str(corpus_dir), device="cpu", log=again.append, show_progress=False)
     assert sum("skipped" in line for line in again) == len(names)
+    # finished variants are reused only for the settings they were trained with
+    with pytest.raises(MtpdError, match=r"other settings \(tokens differ\)"):
+        run_suite("paper", dataclasses.replace(MICRO, tokens=2 * MICRO.tokens), tmp_path, str(corpus_dir),
+                  device="cpu", log=again.append, show_progress=False)
+    with pytest.raises(MtpdError, match=r"other settings \(data differ\)"):
+        run_suite("paper", MICRO, tmp_path, None, device="cpu", log=again.append, show_progress=False)
 
 
 def test_unknown_suite_is_a_clear_error():

@@ -137,6 +137,7 @@ def run_suite(suite: str, scale: Scale, out_dir: str | Path, data_path: str | No
     """Train, evaluate and benchmark every variant of `suite` (skipping finished ones); write results.json."""
     out_dir = Path(out_dir)
     variants = suite_variants(suite, scale)
+    _check_same_settings(out_dir, {"scale": dataclasses.asdict(scale), "data": data_path or "stdlib"})
     started = time.perf_counter()
     results = []
     for index, variant in enumerate(variants, start=1):
@@ -156,6 +157,21 @@ def run_suite(suite: str, scale: Scale, out_dir: str | Path, data_path: str | No
                "seconds_this_run": time.perf_counter() - started, "training_cost": cost, "variants": results}
     write_json(out_dir / "results.json", summary)
     return summary
+
+
+def _check_same_settings(out_dir: Path, settings: dict) -> None:
+    """Finished variants are reused, so an experiment directory holds one scale and corpus: refuse others."""
+    path = out_dir / "settings.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(key for key in {**saved["scale"], **settings["scale"]}
+                         if saved["scale"].get(key) != settings["scale"].get(key))
+        changed += ["data"] if saved["data"] != settings["data"] else []
+        if changed:
+            raise MtpdError(f"{out_dir} holds an experiment with other settings ({', '.join(changed)} differ), whose "
+                            f"finished variants would be reused: choose another --out")
+    else:
+        write_json(path, settings)
 
 
 def run_variant(variant: Variant, scale: Scale, out_dir: Path, data_path: str | None, device: str, log,
