@@ -223,3 +223,9 @@ def test_bench_refuses_more_tokens_than_the_context_holds(tmp_path, capsys, corp
     code, _, err = run(capsys, "bench", "--ckpt", out, "--num-prompts", 1, "--prompt-tokens", 64,
                        "--max-new-tokens", 100, "--rounds", 1, "--skip-no-cache")
     assert_one_line_error(code, err, "plus --max-new-tokens 100 exceed the model's context of 128 tokens")
+
+
+def test_bench_json_into_a_directory_is_refused_before_the_benchmark(run_dir, tmp_path, capsys):
+    code, out, err = run(capsys, "bench", "--ckpt", run_dir, "--json", tmp_path, "--rounds", 1, "--skip-no-cache")
+    assert_one_line_error(code, err, "cannot write --json", "choose another --json path")
+    assert "method" not in out  # no table: nothing was benchmarked

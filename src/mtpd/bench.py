@@ -339,7 +339,7 @@ def bench_table(report: dict) -> str:
     labels = {"hf_generate": "transformers generate", "hf_prompt_lookup": "transformers prompt lookup (batch 1)"}
     for name, peer in report.get("peers", {}).items():
         rows.append((labels[name], peer["tokens_per_s"], peer["tokens_per_s"] / report["baseline_tokens_per_s"], "-", 1.0))
-    methods = [(f"speculative, {heads} heads, chain", report)]
+    methods = [(f"speculative, {heads} head{'s' if heads > 1 else ''}, chain", report)]
     methods += [(f"speculative, {report[n]['drafter']['kind']} tree of {report[n]['drafter']['nodes']} nodes",
                  report[n]) for n in trees]
     for label, m in methods:

@@ -7,6 +7,7 @@ and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -80,8 +81,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order (default: 0)")
 
     l = p.add_argument_group("MTP-D objective (DESIGN §2)")
-    l.add_argument("--beta", type=float, help="KL weight per head; 0 = plain MTP (default, the paper's: 1.0 with one "
-                                              "head, 0.5 with more; on small models 0.05-0.1 kept most of the "
+    l.add_argument("--beta", type=float, help="KL weight per head (default: the paper's, 1.0 with one head and 0.5 "
+                                              "with more; 0 = plain MTP; on small models 0.05-0.1 kept most of the "
                                               "acceptance gain at no or ~1%% main-head loss, see README)")
     l.add_argument("--alpha-lambda", type=float, default=0.3, help="head CE weight lambda; alpha_k = lambda/K (default: 0.3)")
     l.add_argument("--top-n", type=int, help="KL over the teacher's top-N logits; >= vocab = full KL "
@@ -169,6 +170,7 @@ def cmd_eval(args) -> int:
     from mtpd.report import eval_table
     from mtpd.run import evaluate_checkpoint
 
+    _check_json_path(args.json)
     metrics, _ = evaluate_checkpoint(args.ckpt, args.data, args.seq_len, args.windows, args.device, args.hf)
     print(f"{metrics['checkpoint']}  on {metrics['data']} validation ({metrics['val_tokens']:,} tokens)")
     print(eval_table(metrics))
@@ -226,6 +228,7 @@ def cmd_bench(args) -> int:
                       draft_threshold=args.draft_threshold, tree=args.tree or args.tree_dynamic or args.tree_shape is not None,
                       tree_shape=args.tree_shape, tree_nodes=args.tree_nodes,
                       tree_dynamic=args.tree_dynamic).validate()
+    _check_json_path(args.json)
     checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device), args.hf)
     check_tree(checkpoint, cfg)  # a backbone without tree attention, a tree deeper than the heads: before any work
     prompts = benchmark_prompts(checkpoint, args.prompts, args.num_prompts, args.prompt_tokens, data_path=args.data)
@@ -273,6 +276,17 @@ def cmd_demo(args) -> int:
     from mtpd.demo import run_demo
 
     return run_demo(args.out, args.time_budget, args.device)
+
+
+def _check_json_path(path: str | None) -> None:
+    """Refuse a --json path that cannot be written before the work whose report it would hold."""
+    if path is None:
+        return
+    target = Path(path)
+    parent = next((p for p in target.parents if p.exists()), Path("."))
+    if target.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise MtpdError(f"cannot write --json {path}: it is a directory, or {parent} is not a writable directory; "
+                        f"choose another --json path")
 
 
 def _write_json(path: str, payload: dict) -> None:
