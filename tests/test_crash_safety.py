@@ -105,3 +105,14 @@ def test_metrics_log_restarts_with_the_run_it_belongs_to(tmp_path, capsys, corpu
     assert not any(r.get("stale") for r in records)
     steps = [r["step"] for r in records if "step" in r]
     assert steps == sorted(steps) and steps[-1] == 4
+
+
+def test_an_interrupted_train_says_how_to_continue(monkeypatch, capsys, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mtpd.run.pretrain", interrupted)
+    assert main(["train", *MICRO, "--max-steps", "5", "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "same command plus --resume" in err
+    assert "before the first checkpoint nothing was saved: run the command again" in err

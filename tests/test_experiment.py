@@ -71,3 +71,10 @@ def test_unknown_suite_is_a_clear_error():
 
     with pytest.raises(MtpdError, match="unknown suite 'nope': choose one of " + ", ".join(SUITES)):
         suite_variants("nope", MICRO)
+
+
+def test_a_benchmark_longer_than_the_presets_context_is_refused_before_training(tmp_path):
+    too_long = dataclasses.replace(MICRO, bench_prompt_tokens=64, bench_new_tokens=96)  # micro's context: 128
+    with pytest.raises(MtpdError, match="preset micro has a context of 128 tokens"):
+        run_suite("paper", too_long, tmp_path / "exp", device="cpu", log=lambda line: None, show_progress=False)
+    assert not (tmp_path / "exp").exists()

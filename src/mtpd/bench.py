@@ -122,6 +122,10 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
     held-out prompts the tree (with `tree` and no `tree_shape`) or the number of heads (with `auto_heads`) is
     calibrated on."""
     model = checkpoint.model.eval()
+    context, longest = model.main.max_seq_len, max(len(p) for p in prompts)
+    if longest + cfg.max_new_tokens > context:  # every method must generate exactly max_new_tokens
+        raise MtpdError(f"prompts of up to {longest} tokens plus --max-new-tokens {cfg.max_new_tokens} exceed the "
+                        f"model's context of {context} tokens: lower --max-new-tokens or --prompt-tokens")
     device = next(model.parameters()).device  # sampling draws from a generator on the model's device
     heads, heads_calibration = _heads(model, cfg), None
     if cfg.auto_heads:

@@ -137,6 +137,11 @@ def run_suite(suite: str, scale: Scale, out_dir: str | Path, data_path: str | No
     """Train, evaluate and benchmark every variant of `suite` (skipping finished ones); write results.json."""
     out_dir = Path(out_dir)
     variants = suite_variants(suite, scale)
+    context = preset(scale.preset).max_seq_len
+    if scale.bench_prompt_tokens + scale.bench_new_tokens > context:  # refused before any variant trains
+        raise MtpdError(f"preset {scale.preset} has a context of {context} tokens, fewer than the benchmark's "
+                        f"{scale.bench_prompt_tokens} prompt + {scale.bench_new_tokens} new tokens: use a larger "
+                        f"--preset or --scale quick")
     _check_same_settings(out_dir, {"scale": dataclasses.asdict(scale), "data": data_path or "stdlib"})
     started = time.perf_counter()
     results = []
