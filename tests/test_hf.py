@@ -19,7 +19,7 @@ from mtpd.config import LossConfig  # noqa: E402
 from mtpd.decode import SpeculativeSampling, autoregressive_generate, speculative_generate  # noqa: E402
 from mtpd.errors import MtpdError  # noqa: E402
 from mtpd.model import MTPModel  # noqa: E402
-from mtpd.model.hf import head_config, load_hf_backbone  # noqa: E402
+from mtpd.model.backbone import load_backbone  # noqa: E402
 from mtpd.run import train_heads  # noqa: E402
 from mtpd.train import TrainConfig  # noqa: E402
 
@@ -34,10 +34,15 @@ def llama_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
 
 
+def load_hf_backbone(path, **options):
+    """The transformers adapter, also for Llama models (which `--hf` loads into mtpd's own decoder)."""
+    return load_backbone(path, runtime="transformers", **options)
+
+
 def float64_model(path, heads: int) -> MTPModel:
     backbone = load_hf_backbone(path, dtype=torch.float64)
     torch.manual_seed(1)
-    return MTPModel(head_config(backbone, heads), backbone).to(torch.float64).eval()
+    return MTPModel(backbone.head_config(heads), backbone).to(torch.float64).eval()
 
 
 def random_prompts(lengths: list[int], seed: int = 3) -> list[list[int]]:
@@ -87,9 +92,9 @@ def test_greedy_speculative_equals_hf_generate(hf_dir, num_heads):
     prompts = random_prompts([5, 1, 12, 3])
     expected = [hf_greedy(model.main.model, prompt, 24) for prompt in prompts]
     for prompt, reference in zip(prompts, expected):  # batch size 1
-        assert speculative_generate(model, [prompt], 24, eos_id=EOS).tokens[0] == reference
-    assert speculative_generate(model, prompts, 24, eos_id=EOS).tokens == expected  # rows of different lengths
-    assert autoregressive_generate(model.main, prompts, 24, eos_id=EOS).tokens == expected
+        assert speculative_generate(model, [prompt], 24, stop_ids={EOS}).tokens[0] == reference
+    assert speculative_generate(model, prompts, 24, stop_ids={EOS}).tokens == expected  # rows of different lengths
+    assert autoregressive_generate(model.main, prompts, 24, stop_ids={EOS}).tokens == expected
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +120,10 @@ def test_greedy_speculative_equals_hf_generate_when_drafts_are_accepted(drafting
     expected = [hf_greedy(drafting_llama.main.model, prompt, 30) for prompt in prompts]
     accepted = []
     for prompt, reference in zip(prompts, expected):
-        result = speculative_generate(drafting_llama, [prompt], 30, eos_id=EOS)
+        result = speculative_generate(drafting_llama, [prompt], 30, stop_ids={EOS})
         assert result.tokens[0] == reference
         accepted += result.accepted
-    batched = speculative_generate(drafting_llama, prompts, 30, eos_id=EOS)
+    batched = speculative_generate(drafting_llama, prompts, 30, stop_ids={EOS})
     assert batched.tokens == expected
     assert 0 < sum(accepted) and len(set(batched.accepted)) > 1  # rows accept different numbers of drafts
 
@@ -172,7 +177,7 @@ def trained_heads(llama_dir, tmp_path_factory):
 
     for i in range(30):
         (corpus / f"m{i}.py").write_text(SAMPLE_TEXT.replace("fibonacci", f"fib_{i}") * 3)
-    before = {k: v.clone() for k, v in load_hf_backbone(llama_dir).model.state_dict().items()}
+    before = {k: v.clone() for k, v in load_backbone(llama_dir).state_dict().items()}  # in mtpd's decoder
     run = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MTPD_CACHE", str(tmp_path_factory.mktemp("cache")))
@@ -184,10 +189,10 @@ def trained_heads(llama_dir, tmp_path_factory):
 def test_head_training_leaves_the_backbone_bit_identical(trained_heads, llama_dir):
     run, before = trained_heads
     checkpoint = load_checkpoint(run)
-    after = checkpoint.model.main.model.state_dict()
+    after = checkpoint.model.main.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not any(p.requires_grad for p in load_hf_backbone(llama_dir).parameters())
+    assert not any(p.requires_grad for p in load_backbone(llama_dir).parameters())
 
 
 def test_head_only_checkpoint_holds_only_the_heads_and_a_backbone_reference(trained_heads, llama_dir):
@@ -303,11 +308,12 @@ def test_cli_train_generate_bench_with_hf(llama_dir, tmp_path, capsys, corpus_di
              "--batch-size", "2", "--seq-len", "32", "--eval-windows", "2", "--out", run, "--quiet"]
     assert main([str(a) for a in train]) == 0
     capsys.readouterr()
-    assert main(["generate", "--ckpt", str(run), "--prompt", "def fib", "--max-new-tokens", "8"]) == 0
+    assert main(["generate", "--ckpt", str(run), "--prompt", "def fib", "--max-new-tokens", "8", "--dtype", "fp32"]) == 0
     assert main(["generate", "--ckpt", str(run), "--prompt", "def fib", "--max-new-tokens", "8",
                  "--temperature", "0.8", "--top-p", "0.9"]) == 0
     report_path = tmp_path / "bench.json"
-    assert main(["bench", "--ckpt", str(run), "--num-prompts", "2", "--prompt-tokens", "8", "--max-new-tokens", "8",
+    assert main(["bench", "--ckpt", str(run), "--dtype", "fp32", "--num-prompts", "2", "--prompt-tokens", "8",
+                 "--max-new-tokens", "8",
                  "--batch-size", "2", "--rounds", "1", "--skip-no-cache", "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     assert report["identical_to_baseline"] is True
@@ -343,18 +349,44 @@ def test_cli_missing_backbone_is_one_line(trained_heads, tmp_path, capsys):
     assert len(err) == 1 and "is not at" in err[0] and "--hf" in err[0]
 
 
+@pytest.fixture(scope="module")
+def qwen_heads(tmp_path_factory):
+    """Heads trained for a few steps on a tiny Qwen2, which runs through the transformers adapter."""
+    from conftest import SAMPLE_TEXT
+
+    corpus = tmp_path_factory.mktemp("qwen-corpus")
+    for i in range(30):
+        (corpus / f"m{i}.py").write_text(SAMPLE_TEXT.replace("fibonacci", f"fib_{i}") * 3)
+    qwen = save_tiny_model(tmp_path_factory.mktemp("qwen2"), "qwen2")
+    run = tmp_path_factory.mktemp("qwen-run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MTPD_CACHE", str(tmp_path_factory.mktemp("cache")))
+        train_heads(qwen, 2, TRAIN, LossConfig(), run, str(corpus), device="cpu", show_progress=False,
+                    log=lambda _: None)
+    return run
+
+
 @pytest.mark.parametrize("command", [["bench", "--tree"], ["bench", "--tree-shape", "0 1"], ["bench", "--tree-dynamic"],
                                      ["generate", "--prompt", "x", "--tree-shape", "0 1"]])
-def test_cli_tree_on_hf_is_one_line(trained_heads, command, tmp_path, capsys):
-    """HF backbones have no tree attention: tree flags are refused before any work, naming the limit."""
+def test_cli_tree_on_the_adapter_is_one_line(qwen_heads, command, capsys):
+    """The transformers adapter has no tree attention: tree flags are refused before any work, naming the limit."""
     from mtpd.cli import main
 
-    run, _ = trained_heads
+    run = qwen_heads
     assert main([command[0], "--ckpt", str(run), "--max-new-tokens", "4", *command[1:]]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]  # beside transformers' loading bar
     assert "Traceback" not in err and len(errors) == 1
     assert "tree attention" in errors[0] and "Hugging Face" in errors[0] and "drop --tree" in errors[0]
+
+
+def test_cli_trees_on_a_llama_in_mtpds_decoder(trained_heads, capsys):
+    """A Llama loaded with --hf runs in mtpd's own decoder, so it drafts trees too."""
+    from mtpd.cli import main
+
+    run, _ = trained_heads
+    assert main(["generate", "--ckpt", str(run), "--prompt", "def fib", "--max-new-tokens", "8", "--dtype", "fp32",
+                 "--tree-shape", "0 1 0.0"]) == 0
 
 
 def test_looped_extension_of_heads_on_a_hf_model(trained_heads, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Checkpoints (DESIGN §7): a directory with config.json, model.safetensors, tokenizer.json and the trainer's
+"""Checkpoints (docs/design.md §7): a directory with config.json, model.safetensors, tokenizer.json and the trainer's
 resume state, written to a temporary directory and renamed into place, so a crash never leaves a partial
 checkpoint where a complete one is expected.
 
@@ -84,15 +84,23 @@ def is_head_only(config: dict) -> bool:
 
 
 def external_backbone(model: MTPModel) -> dict | None:
-    """The reference a checkpoint records for a main model mtpd does not own (a Hugging Face model), else None.
-    Derived from the model itself, so every training mode (head-only, looped extension) saves heads alone."""
-    from mtpd.model.hf import HFBackbone, backbone_reference
+    """The reference a checkpoint records for a main model mtpd does not own (loaded with --hf), else None.
+    Derived from the model itself, so every training mode (head-only, looped extension) saves heads alone.
+    `runtime` says what computed the main model (mtpd's decoder or the transformers adapter): their h0 differ
+    (before or after the final norm), so heads load onto the runtime they were trained with."""
+    from mtpd.model.source import backbone_reference
 
-    return backbone_reference(model.main.source) if isinstance(model.main, HFBackbone) else None
+    source = model.main.source
+    return None if source is None else backbone_reference(source) | {"runtime": model.main.runtime}
+
+
+# What a head-only checkpoint holds: the heads and the ids of their draft vocabulary (model/draft_vocab.py).
+_HEAD_MODULES = ("heads", "draft_vocab")
+_HEAD_PREFIXES = tuple(f"{name}." for name in _HEAD_MODULES)
 
 
 def head_tensors(model: MTPModel) -> dict[str, torch.Tensor]:
-    return {name: tensor.contiguous() for name, tensor in model.state_dict().items() if name.startswith("heads.")}
+    return {name: tensor.contiguous() for name, tensor in model.state_dict().items() if name.startswith(_HEAD_PREFIXES)}
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -187,17 +195,21 @@ def build_model(config: dict, path: Path, device: str | torch.device = "cpu",
 
 def _model_on_backbone(model_cfg: ModelConfig, reference: dict, path: Path, device: str | torch.device,
                        backbone_path: str | Path | None) -> MTPModel:
-    from mtpd.model.hf import check_backbone, load_hf_backbone
+    from mtpd.model.backbone import load_backbone
+    from mtpd.model.source import SMOLLM2, check_backbone, resolve_source
 
     if reference.get("type") != "huggingface":
         raise MtpdError(f"checkpoint {path} references a backbone of type {reference.get('type')!r}, which this "
                         f"mtpd cannot load: upgrade mtpd")
-    location = Path(backbone_path or reference["path"])
-    if not location.exists():
-        raise MtpdError(f"the backbone of {path} is not at {location}: pass the model directory the heads were "
-                        f"trained on with --hf PATH")
-    check_backbone(reference, location, path)
-    backbone = load_hf_backbone(location, device, max_seq_len=model_cfg.max_seq_len)
+    location = backbone_path or reference["path"]
+    if not Path(location).exists() and str(location) != SMOLLM2:
+        raise MtpdError(f"the backbone of {path} is not at {location}: pass the model the heads were trained on "
+                        f"with --hf PATH")
+    source = resolve_source(location)
+    check_backbone(reference, source, path)
+    # Checkpoints written before mtpd had its own runtime for Llama models were trained on the adapter.
+    backbone = load_backbone(source, device, max_seq_len=model_cfg.max_seq_len,
+                             runtime=reference.get("runtime", "transformers"))
     return MTPModel(model_cfg, backbone).to(device)
 
 
@@ -208,14 +220,17 @@ def load_weights(model: MTPModel, path: Path, device: str | torch.device = "cpu"
         check_weights_match(model, path / WEIGHTS_FILE)
         load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(device))
         return
-    check_weights_match(model, path / HEADS_FILE, prefix="heads.")
+    check_weights_match(model, path / HEADS_FILE, prefix=_HEAD_PREFIXES)
     tensors = load_file(str(path / HEADS_FILE), device=str(device))
-    model.heads.load_state_dict({name.removeprefix("heads."): t for name, t in tensors.items()}, strict=True)
+    for name in _HEAD_MODULES:
+        prefix = f"{name}."
+        model.get_submodule(name).load_state_dict(
+            {key.removeprefix(prefix): t for key, t in tensors.items() if key.startswith(prefix)}, strict=True)
 
 
-def check_weights_match(model: torch.nn.Module, weights: Path, prefix: str = "") -> None:
+def check_weights_match(model: torch.nn.Module, weights: Path, prefix: str | tuple[str, ...] = "") -> None:
     """Compare tensor names and shapes in a safetensors file with a model (its tensors whose names start with
-    `prefix`); name the first disagreement."""
+    `prefix`, or one of several); name the first disagreement."""
     state = {name: t for name, t in model.state_dict().items() if name.startswith(prefix)}
     expected = {name: tuple(t.shape) for name, t in state.items()}
     try:

@@ -2,7 +2,7 @@
 
 `ModelConfig` describes the main decoder and its MTP heads (the heads have the same width as the main
 model, so every module has the same shape and a trained one can initialise another). `LossConfig` holds
-the MTP-D objective's weights (DESIGN §2). Presets were chosen from the CPU cost model in DESIGN §9.
+the MTP-D objective's weights (docs/design.md §2). Presets were chosen from the CPU cost model in docs/design.md §9.
 `DRAFT_THRESHOLD` is the measured default of dynamic draft length, shared by the CLI, bench and demo.
 """
 
@@ -27,6 +27,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # output projection shares the embedding matrix
+    draft_vocab: int = 0  # N: the heads score the N most frequent training tokens (model/draft_vocab.py); 0 = all
+    # False: cascaded heads (DeepSeek-V3, MTP-D: head k reads h{k-1} and Emb(t_{i+k})); True: independent heads
+    # (Meta's parallel heads: head k reads only h0 and predicts t_{i+k+1}), the baseline (docs/design.md §1.2)
+    independent_heads: bool = False
+
+    @property
+    def draft_vocab_size(self) -> int:
+        """How many tokens the heads score."""
+        return self.draft_vocab or self.vocab_size
 
     @property
     def head_dim(self) -> int:
@@ -50,6 +59,9 @@ class ModelConfig:
             (self.head_dim % 2 == 0, f"head size d_model/n_heads = {self.head_dim} must be even for RoPE"),
             (self.n_heads % self.n_kv_heads == 0,
              f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads} (--kv-heads)"),
+            (0 <= self.draft_vocab <= self.vocab_size,
+             f"draft_vocab (--draft-vocab) must be between 1 and the vocabulary size {self.vocab_size} "
+             f"(got {self.draft_vocab})"),
         ], prefix="invalid model config: ")
         return self
 
@@ -71,13 +83,17 @@ class ModelConfig:
 
 
 # Presets. `tiny` learns something useful in ~5 minutes on 2 CPU cores; `small` is the reference model for
-# benchmarks: deep relative to its width (DESIGN §9: a head step is ~15% of a 1-token pass at 12 layers), a
+# benchmarks: deep relative to its width (docs/design.md §9: a head step is ~15% of a 1-token pass at 12 layers), a
 # 5-token forward pass costs far less than five 1-token passes on CPU, and a 4096-token vocabulary because the
 # vocabulary projection is the largest part of a head step and of the heads' training cost.
 # Dynamic draft length: drafting stops after a draft its head gave less than this probability. Measured on
 # the reference model (README, "Results"): 0.05 beat drafting with every head at 4 heads (1.60-1.63x vs
 # 1.39-1.57x) and kept 8-16 heads from slowing decoding; 0.2 and above stopped drafts that would be accepted.
 DRAFT_THRESHOLD = 0.05
+# How `mtpd train --hf` starts its heads (train.py HEAD_INITS). Measured on SmolLM2 (README, "Head-only
+# training on a real model"): after the same 49k tokens, heads whose block was copied from the model's last
+# block were 0.05-0.08 behind random ones in offline acceptance at every head, at lr 2e-3 and 5e-4.
+HEAD_INIT_ON_PRETRAINED = "random"
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=2048, d_model=160, n_layers=6, n_heads=5, n_kv_heads=5, ffn_dim=448,
@@ -99,7 +115,7 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights of the MTP-D objective (DESIGN §2). beta = 0 gives the plain MTP baseline."""
+    """Weights of the MTP-D objective (docs/design.md §2). beta = 0 gives the plain MTP baseline."""
 
     alpha_lambda: float = 0.3  # alpha_k = alpha_lambda / K (DeepSeek-V3)
     beta: float | None = None  # None: paper default, 1.0 with one head, 0.5 with more

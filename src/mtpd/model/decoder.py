@@ -17,8 +17,12 @@ mask, and `KVCache.copy_slots` later moves the accepted path's entries to their 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +30,36 @@ from torch import nn
 
 from mtpd.config import ModelConfig
 
+if TYPE_CHECKING:
+    from mtpd.model.source import ModelSource
+
 
 class KVCache:
     """Keys and values for `n_layers` attention layers: [n_layers, batch, n_kv_heads, max_len, head_dim]."""
 
     def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, static_shapes: bool = False):
         shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Static shapes (compiled decoding): every pass attends to all max_len slots through its mask and
+        # writes by scatter, so a pass's shapes depend on its token count only and nothing is read on the
+        # host. Otherwise a pass attends to slots 0..max(positions), read on the host: cheaper eagerly when
+        # the cache is much longer than what is filled.
+        self.static_shapes = static_shapes
+
+    @property
+    def attended_len(self) -> int | None:
+        """The slots every pass attends to with static shapes (all of them); None: up to its last position."""
+        return self.k.shape[3] if self.static_shapes else None
+
+    def layer(self, index: int) -> "KVCache":
+        """Layer `index` alone, as a one-layer cache sharing this one's storage (written through, not copied).
+        Its tensors alias the storage without being views of the whole: torch.compile guards on a view's base,
+        whose layer count would set the main model's blocks (many layers) apart from the heads' (one)."""
+        one = copy.copy(self)
+        one.k, one.v = _alias(self.k[index:index + 1]), _alias(self.v[index:index + 1])
+        return one
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, span: "Span") -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, n_kv, T, hd] at the span's positions; return the keys/values to attend to."""
@@ -56,6 +81,11 @@ class KVCache:
         dst = target[None, :, None, :, None].expand(L, B, H, -1, D)
         for buffer in (self.k, self.v):
             buffer.scatter_(3, dst, buffer.gather(3, src))
+
+
+def _alias(view: torch.Tensor) -> torch.Tensor:
+    """A tensor over `view`'s memory that is not a view (no `_base`)."""
+    return view.new_empty(0).set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
 
 
 @dataclass
@@ -94,8 +124,17 @@ class Rotary(nn.Module):
         positions = torch.arange(length, device=self.cos.device)
         return Span(positions[None], self.cos[None, None, :length], self.sin[None, None, :length], None, length, 0)
 
-    def cached_span(self, positions: torch.Tensor) -> Span:
-        """A pass over per-row positions [B, T] that reads and writes a KV cache."""
+    def cached_span(self, positions: torch.Tensor, attended_len: int | None = None) -> Span:
+        """A pass over per-row positions [B, T] that reads and writes a KV cache: it attends to slots
+        0..max(positions), or to `attended_len` slots (a static-shape cache, `KVCache.attended_len`)."""
+        if attended_len is not None:  # no host read: what a compiled pass needs
+            # Compiled code specialises on how its inputs were made (expanded, a view of another tensor): a
+            # fresh copy looks the same to it in every pass.
+            positions = positions.clone(memory_format=torch.contiguous_format)
+            key_positions = torch.arange(attended_len, device=positions.device)
+            mask = key_positions[None, None, None, :] <= positions[:, None, :, None]
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+            return Span(positions, cos, sin, mask, attended_len, None)
         kv_len = int(positions.max()) + 1
         max_len = self.cos.shape[0]
         if kv_len > max_len:
@@ -108,17 +147,22 @@ class Rotary(nn.Module):
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         return Span(positions, cos, sin, mask, kv_len, start)
 
-    def tree_span(self, positions: torch.Tensor, tree: TreeAttention) -> Span:
-        """A pass over per-row positions [B, T] written at tree.slots, attending through tree.mask."""
-        if int(positions.max()) >= self.cos.shape[0]:
+    def tree_span(self, positions: torch.Tensor, tree: TreeAttention, check_bounds: bool = True) -> Span:
+        """A pass over per-row positions [B, T] written at tree.slots, attending through tree.mask.
+        `check_bounds` False: no host read (a static-shape cache; its caller keeps positions in the context)."""
+        if check_bounds and int(positions.max()) >= self.cos.shape[0]:
             raise ValueError(f"position {int(positions.max())} is beyond the context length {self.cos.shape[0]}")
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         return Span(positions, cos, sin, tree.mask[:, None], tree.mask.shape[-1], None, tree.slots)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # The tables are fp32 (precision.cast_for_decoding leaves them so) and are cast to the activations'
+    # dtype before rotating, as transformers' Llama does: a bf16 model then rounds as transformers' bf16
+    # Llama does, and fp32 is unchanged.
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class Attention(nn.Module):
@@ -168,17 +212,28 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+BlockRunner = Callable[[Block, torch.Tensor, Span, "KVCache | None", int], torch.Tensor]
+
+
+def run_block(block: Block, x: torch.Tensor, span: Span, cache: KVCache | None, layer: int) -> torch.Tensor:
+    """How a pass runs each block by default: eagerly. Compiled decoding passes its own runner
+    (decode/passes.py), which compiles the block once for every layer and head."""
+    return block(x, span, cache, layer)
+
+
 class Decoder(nn.Module):
     """The built-in main model; it satisfies the `Backbone` interface (model/backbone.py).
 
-    `forward` returns the last hidden state h0 (before the final norm, DESIGN §1).
+    `forward` returns the last hidden state h0 (before the final norm, docs/design.md §1).
     """
 
     supports_tree_attention = True  # forward accepts `tree`; its KVCache has copy_slots
+    runtime = "mtpd"  # what computes the main model (recorded with heads trained on an imported model)
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, source: "ModelSource | None" = None):
         super().__init__()
         self.cfg = cfg
+        self.source = source  # where the weights came from when mtpd does not own them (model/source.py)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -187,38 +242,67 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
 
+    @classmethod
+    def from_weights(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], source: "ModelSource | None" = None
+                     ) -> "Decoder":
+        """A decoder holding `state` (its own parameter names; with tied embeddings the output layer may be
+        absent), built on the meta device so that a large model is never initialised randomly first."""
+        with torch.device("meta"):
+            decoder = cls(cfg, source)
+        if cfg.tie_embeddings:
+            state = {name: t for name, t in state.items() if name != "lm_head.weight"}
+            state["lm_head.weight"] = state["embed.weight"]
+        decoder.load_state_dict(state, strict=True, assign=True)
+        if cfg.tie_embeddings:
+            decoder.lm_head.weight = decoder.embed.weight  # assign=True made two parameters of the one tensor
+        # The RoPE tables are computed, not loaded: build them for real (on the meta device they are empty).
+        decoder.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta).to(decoder.embed.weight.device)
+        return decoder
+
     @property
     def max_seq_len(self) -> int:
         return self.cfg.max_seq_len
 
+    def head_config(self, num_heads: int) -> ModelConfig:
+        """The MTP heads' shape on this main model: its own, with `num_heads` heads."""
+        return dataclasses.replace(self.cfg, mtp_heads=num_heads)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, tree: TreeAttention | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, tree: TreeAttention | None = None,
+                runner: BlockRunner = run_block) -> torch.Tensor:
         """tokens [B, T] -> h0 [B, T, d]. Without a cache: a causal pass over positions 0..T-1. With one: the
         tokens sit at `positions` [B, T] (per row), their keys/values are written there, and each attends to
         every cached position <= its own; with `tree`, they are written at tree.slots and attend through
-        tree.mask instead."""
+        tree.mask instead. `runner` runs each block (`run_block`: eagerly)."""
         if cache is None:
             span = self.rotary.causal_span(tokens.shape[1])
         elif tree is None:
-            span = self.rotary.cached_span(positions)
+            span = self.rotary.cached_span(positions, cache.attended_len)
         else:
-            span = self.rotary.tree_span(positions, tree)
+            span = self.rotary.tree_span(positions, tree, check_bounds=cache.attended_len is None)
         x = self.embed(tokens)
         for layer, block in enumerate(self.blocks):
-            x = block(x, span, cache, layer)
+            x = runner(block, x, span, cache, layer)
         return x
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The output projection W_out, shared with the MTP heads."""
         return self.lm_head(x)
 
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.lm_head
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, static_shapes: bool = False) -> KVCache:
         weight = self.lm_head.weight
         return KVCache(self.cfg.n_layers, batch_size, max_len or self.cfg.max_seq_len, self.cfg.n_kv_heads,
-                       self.cfg.head_dim, weight.device, weight.dtype)
+                       self.cfg.head_dim, weight.device, weight.dtype, static_shapes)
 
 
 def init_weights(module: nn.Module, n_layers: int) -> None:

@@ -15,31 +15,25 @@ so the model's causal rule over slots is the causal rule over positions. Rows of
 different numbers of drafts leave stale slots in the middle; they are masked, not removed, so the cache holds
 at most max_new_tokens * (drafts + 1) slots beyond the prompt.
 
-Supported: decoder-only models whose every layer attends to the full context (Llama, Qwen2, GPT-2, Mistral
-without a sliding window, ...) and whose logits are exactly `output_embedding(last_hidden_state)`; others
-are refused at load time with the reason.
+Supported: decoder-only models whose every layer attends to the full context (Qwen2, GPT-2, Phi-3, ...) and
+whose logits are exactly `output_embedding(last_hidden_state)`; others are refused at load time with the
+reason. Llama-family models do not use the adapter: their weights load into mtpd's own decoder
+(model/backbone.py `load_backbone`), which has tree attention and a static cache.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from mtpd.config import ModelConfig
-from mtpd.errors import MtpdError, first_line
+from mtpd.errors import MtpdError
+from mtpd.model.source import ModelSource
 
 # Context cap for the heads' RoPE table and the decoders' buffers when the model allows longer contexts.
 DEFAULT_MAX_SEQ_LEN = 4096
-# config.json keys that describe how a model was saved, not what it computes; ignored by the fingerprint.
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
-                         "_commit_hash", "_attn_implementation_autoset", "output_hidden_states",
-                         "output_attentions", "return_dict"}
 
 
 class HFCache:
@@ -69,14 +63,16 @@ class HFCache:
 
 class HFBackbone(nn.Module):
     """A `transformers` causal LM behind mtpd's `Backbone` interface. The wrapped model is a frozen teacher:
-    it stays in eval mode (no dropout) whatever mode the heads train in. `source` is the directory it was
-    loaded from, which checkpoints of heads trained on it reference."""
+    it stays in eval mode (no dropout) whatever mode the heads train in. `source` is where it was loaded
+    from, which checkpoints of heads trained on it reference."""
 
-    def __init__(self, model: nn.Module, max_seq_len: int, source: Path):
+    runtime = "transformers"  # what computes the main model (recorded with the heads: h0 differs per runtime)
+
+    def __init__(self, model: nn.Module, max_seq_len: int, source: ModelSource):
         super().__init__()
         self.model = model
         self.max_seq_len = max_seq_len
-        self.source = Path(source)
+        self.source = source
         self.body = model.base_model  # the transformer without the LM head: returns last_hidden_state
         # The cache keyword is `cache` in recent transformers 5.x, `past_key_values` before.
         self.cache_keyword = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
@@ -97,6 +93,10 @@ class HFBackbone(nn.Module):
     def config(self):
         return self.model.config
 
+    def head_config(self, num_heads: int) -> ModelConfig:
+        """The MTP heads' shape: the model's width, attention layout and MLP size."""
+        return _head_config(self, num_heads)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: HFCache | None = None) -> torch.Tensor:
         """tokens [B, T] -> h0 [B, T, d]. Without a cache: a causal pass over positions 0..T-1. With one: the
@@ -114,8 +114,15 @@ class HFBackbone(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(x)
 
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.model.get_output_embeddings()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.project(hidden)  # h0 is already after the final norm
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> HFCache:
         from transformers import DynamicCache
@@ -124,55 +131,25 @@ class HFBackbone(nn.Module):
         return HFCache(DynamicCache(), batch_size, max_len or self.max_seq_len, device)
 
 
-# ------------------------------------------------------------------------------------------------ loading
+# ------------------------------------------------------------------------------------------------ checks
 
 
-def load_hf_backbone(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                     max_seq_len: int | None = None) -> HFBackbone:
-    """Load a local Hugging Face checkpoint directory (never downloads) and check that mtpd can drive it."""
-    path = hf_model_dir(path)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: nothing is downloaded
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError:
-        raise MtpdError("--hf needs the transformers library: pip install 'mtpd[hf]'") from None
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    _check_supported(config, path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        reason = first_line(exc)
-        raise MtpdError(f"cannot load {path} as a causal LM ({reason}): pass a Hugging Face model directory "
-                        f"with config.json and weights") from None
-    model.requires_grad_(False)
-    context = _context_length(config.get_text_config(decoder=True))
-    backbone = HFBackbone(model, min(context, max_seq_len or DEFAULT_MAX_SEQ_LEN), path).to(device)
-    _check_logits_match(backbone, path)
-    return backbone
-
-
-def hf_model_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise MtpdError(f"--hf '{path}' is not a Hugging Face model directory (no config.json): pass a local "
-                        f"directory written by save_pretrained (nothing is downloaded)")
-    return path.resolve()
-
-
-def _check_supported(config, path: Path) -> None:
+def check_supported(config, source: ModelSource) -> None:
+    """Refuse what neither the adapter nor the built-in decoder can drive: encoder-decoders, and layers that do
+    not attend to the whole context."""
     text = config.get_text_config(decoder=True)
     if getattr(config, "is_encoder_decoder", False):
-        raise MtpdError(f"{path} is an encoder-decoder model ({config.model_type}): mtpd needs a decoder-only causal LM")
+        raise MtpdError(f"{source} is an encoder-decoder model ({config.model_type}): mtpd needs a decoder-only causal LM")
     layer_types = set(getattr(text, "layer_types", None) or ["full_attention"])
     if getattr(text, "sliding_window", None) is not None or layer_types != {"full_attention"}:
         kinds = ", ".join(sorted(layer_types | ({"sliding_attention"} if getattr(text, "sliding_window", None) else set())))
-        raise MtpdError(f"{path} ({config.model_type}) has layers that do not attend to the full context ({kinds}): "
+        raise MtpdError(f"{source} ({config.model_type}) has layers that do not attend to the full context ({kinds}): "
                         f"mtpd's cache bookkeeping supports full attention only; use a model without a sliding "
                         f"window (for Mistral-style configs, set \"sliding_window\": null)")
 
 
-def _context_length(text_config) -> int:
+def context_length(config) -> int:
+    text_config = config.get_text_config(decoder=True)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(text_config, name, None)
         if isinstance(value, int) and value > 1:
@@ -181,16 +158,24 @@ def _context_length(text_config) -> int:
 
 
 @torch.no_grad()
-def _check_logits_match(backbone: HFBackbone, path: Path) -> None:
+def logits_mismatch(model, logits_of, vocab: int) -> float | None:
+    """None when `logits_of(tokens)` reproduces the transformers model's own logits on a probe sequence, else
+    the largest difference relative to the logits' scale."""
+    tokens = (torch.arange(8, device=next(model.parameters()).device) * 7919 % vocab)[None]
+    own = model(input_ids=tokens, use_cache=False).logits
+    ours = logits_of(tokens)
+    scale = float(own.abs().max().clamp_min(1e-6))
+    if torch.allclose(ours.to(own.dtype), own, rtol=1e-3, atol=1e-4 * scale):
+        return None
+    return float((ours.to(own.dtype) - own).abs().max()) / scale
+
+
+def check_logits_match(backbone: HFBackbone) -> None:
     """The heads use output_embedding(h0) as the main head; refuse models whose own forward differs (logit
     soft-capping, scaling, ...), since speculative decoding would then not reproduce the model."""
     vocab = backbone.model.get_output_embeddings().weight.shape[0]
-    tokens = (torch.arange(8, device=next(backbone.parameters()).device) * 7919 % vocab)[None]
-    own = backbone.model(input_ids=tokens, use_cache=False).logits
-    ours = backbone.logits(backbone(tokens))
-    scale = own.abs().max().clamp_min(1e-6)
-    if not torch.allclose(ours, own, rtol=1e-3, atol=1e-4 * float(scale)):
-        raise MtpdError(f"{path} ({backbone.config.model_type}) transforms its logits after the output layer "
+    if logits_mismatch(backbone.model, lambda tokens: backbone.logits(backbone(tokens)), vocab) is not None:
+        raise MtpdError(f"{backbone.source} ({backbone.config.model_type}) transforms its logits after the output layer "
                         f"(e.g. soft-capping or scaling), so mtpd's main head would not reproduce the model: "
                         f"this architecture is not supported")
 
@@ -198,7 +183,7 @@ def _check_logits_match(backbone: HFBackbone, path: Path) -> None:
 # ------------------------------------------------------------------------------------------- head config
 
 
-def head_config(backbone: HFBackbone, num_heads: int) -> ModelConfig:
+def _head_config(backbone: HFBackbone, num_heads: int) -> ModelConfig:
     """The MTP heads' shape for a Hugging Face backbone: its width, attention layout and MLP size."""
     text = backbone.config.get_text_config(decoder=True)
     hidden = text.hidden_size
@@ -217,53 +202,3 @@ def head_config(backbone: HFBackbone, num_heads: int) -> ModelConfig:
         rope_theta=float(rope_theta or getattr(text, "rope_theta", 10000.0)),
         norm_eps=float(getattr(text, "rms_norm_eps", None) or getattr(text, "layer_norm_epsilon", None) or 1e-5),
     ).validate()
-
-
-# ----------------------------------------------------------------------------------------- fingerprints
-
-
-def backbone_reference(path: str | Path) -> dict:
-    """What a head-only checkpoint records about its backbone: where it was, its config (to name a mismatch)
-    and digests of the config and of the weights' tensor names and shapes."""
-    path = hf_model_dir(path)
-    config = _fingerprinted_config(path)
-    return {"type": "huggingface", "path": str(path), "model_type": config.get("model_type"),
-            "config": config, "config_sha256": _digest(config), "weights_sha256": _digest(_weight_shapes(path))}
-
-
-def check_backbone(reference: dict, path: str | Path, checkpoint: Path | str) -> None:
-    """Raise MtpdError naming the first difference between the backbone at `path` and the one the heads in
-    `checkpoint` were trained on."""
-    actual = backbone_reference(path)
-    hint = f"pass the backbone they were trained on ({reference['path']}) with --hf"
-    for key in sorted(set(reference["config"]) | set(actual["config"])):
-        trained, found = reference["config"].get(key), actual["config"].get(key)
-        if trained != found:
-            raise MtpdError(f"backbone mismatch: the heads in {checkpoint} were trained on a model with "
-                            f"{key}={json.dumps(trained)}, but {actual['path']} has {key}={json.dumps(found)}; {hint}")
-    if reference["weights_sha256"] != actual["weights_sha256"]:
-        raise MtpdError(f"backbone mismatch: {actual['path']} has the same config.json as the backbone of "
-                        f"{checkpoint} but different weight tensors (names or shapes); {hint}")
-
-
-def _fingerprinted_config(path: Path) -> dict:
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MtpdError(f"cannot read {path / 'config.json'} ({exc}): pass a valid Hugging Face model directory") from None
-    return {key: value for key, value in config.items() if key not in _VOLATILE_CONFIG_KEYS}
-
-
-def _weight_shapes(path: Path) -> list:
-    """[name, shape] of every tensor in the directory's safetensors files (read from their headers only)."""
-    from safetensors import safe_open
-
-    shapes = []
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            shapes += [[name, list(f.get_slice(name).get_shape())] for name in f.keys()]
-    return sorted(shapes)
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
