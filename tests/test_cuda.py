@@ -87,3 +87,20 @@ def test_train_on_cuda_then_bench_sampling_and_load_on_cpu(tmp_path, corpus_dir,
     sampled = run_benchmark(on_gpu, prompts, BenchConfig(max_new_tokens=16, rounds=1, no_cache_baseline=False,
                                                          temperature=1.0))
     assert sampled["mean_accepted_tokens"] >= 1
+
+
+def test_compiled_decoding_on_cuda_is_lossless(cuda_model):
+    """`--compile` on the GPU (decode/passes.py; docs/design.md §4.8): the compiled chain and static tree equal
+    eager autoregressive decoding, one prompt and three at a time, and a second decode compiles nothing."""
+    from mtpd.decode.passes import graphs_compiled
+
+    prompts = prompts_from(markov_tokens(2000, seed=5), [1, 3, 4, 7, 9, 12])
+    reference = autoregressive_generate(cuda_model.main, prompts, 30).tokens
+    tree = StaticTree(TreeShape.parse("0 1 0.0 0.1 0.0.0"))
+    for options in ({}, {"drafter": tree}):
+        assert [speculative_generate(cuda_model, [p], 30, compile=True, **options).tokens[0] for p in prompts] == reference
+        assert speculative_generate(cuda_model, prompts[:3], 30, compile=True, **options).tokens == reference[:3]
+    assert autoregressive_generate(cuda_model.main, prompts[:3], 30, compile=True).tokens == reference[:3]
+    before = graphs_compiled()
+    assert speculative_generate(cuda_model, prompts[3:], 30, compile=True).tokens == reference[3:]
+    assert graphs_compiled() == before

@@ -43,12 +43,12 @@ def test_greedy_speculative_stops_at_eos_mid_draft(trained_model):
     prompts = prompts_from(markov_tokens(2000, seed=6), [4, 9, 13])
     free = autoregressive_generate(trained_model.main, prompts, 40).tokens
     eos = free[0][5]  # a token the model emits early: EOS will fall inside a draft chain
-    reference = autoregressive_generate(trained_model.main, prompts, 40, eos_id=eos).tokens
+    reference = autoregressive_generate(trained_model.main, prompts, 40, stop_ids={eos}).tokens
     assert reference[0][-1] == eos and len(reference[0]) <= 6
     for heads in (2, 4):
-        assert speculative_generate(trained_model, prompts, 40, num_heads=heads, eos_id=eos).tokens == reference
+        assert speculative_generate(trained_model, prompts, 40, num_heads=heads, stop_ids={eos}).tokens == reference
         for prompt, expected in zip(prompts, reference):
-            assert speculative_generate(trained_model, [prompt], 40, num_heads=heads, eos_id=eos).tokens[0] == expected
+            assert speculative_generate(trained_model, [prompt], 40, num_heads=heads, stop_ids={eos}).tokens[0] == expected
 
 
 def test_no_cache_baseline_equals_cached_baseline(trained_model):

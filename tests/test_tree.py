@@ -3,6 +3,7 @@ import torch
 
 from mtpd.decode import SpeculativeSampling, autoregressive_generate, speculative_generate
 from mtpd.decode.acceptance import Greedy
+from mtpd.decode.chain import ChainDrafter
 from mtpd.decode.generation import make_batch
 from mtpd.decode.speculative import advance, prefill
 from mtpd.decode.tree import TreeShape, accept_path, ancestor_matrix, path_nodes, tree_attention_mask
@@ -157,9 +158,13 @@ def test_head_caches_after_tree_steps_equal_recomputation(uncertain_model, draft
             count = int(state.count[b])
             sequence = state.seq[b:b + 1, :count - 1]  # the tokens in the main cache
             reference = [model.main(sequence), *head_reference(model, sequence)]
-            for k in range(1, drafter.depth + 1):  # deeper heads do not draft: their caches may lag
-                valid = min(int(state.heads.computed[k, b]), count - 1 - k)
-                assert valid >= count - 1 - k - drafter.depth
+            for k in range(1, 5):  # deeper heads than the tree do not run: their valid prefix may lag
+                valid = int(state.heads.computed[k, b])
+                assert valid <= count - 1 - k
+                if k <= drafter.depth:
+                    assert valid >= count - 1 - k - drafter.depth
+                if valid == 0:
+                    continue
                 scratch = model.new_head_caches(1, 64)[k - 1]
                 model.head_step(k, reference[k - 1][:, :valid], torch.arange(valid)[None],
                                 sequence[:, k:valid + k], scratch)
@@ -169,6 +174,40 @@ def test_head_caches_after_tree_steps_equal_recomputation(uncertain_model, draft
                 if k < 4:
                     assert torch.allclose(state.heads.hidden[k, b, :valid], reference[k][0, :valid], atol=1e-4)
     assert accepted_total > 0
+
+
+def assert_head_caches_match_recomputation(model: MTPModel, state) -> None:
+    """Every head's valid prefix (computed[k]) of cache entries and hidden states equals a teacher-forced
+    pass over the row's confirmed tokens."""
+    for b in range(state.seq.shape[0]):
+        count = int(state.count[b])
+        sequence = state.seq[b:b + 1, :count - 1]  # the tokens in the main cache
+        reference = [model.main(sequence), *head_reference(model, sequence)]
+        for k in range(1, model.num_heads + 1):
+            valid = int(state.heads.computed[k, b])
+            assert valid <= count - 1 - k
+            if valid == 0:
+                continue
+            scratch = model.new_head_caches(1, 64)[k - 1]
+            model.head_step(k, reference[k - 1][:, :valid], torch.arange(valid)[None], sequence[:, k:valid + k], scratch)
+            cache = state.heads.caches[k - 1]
+            assert torch.allclose(cache.k[:, b, :, :valid], scratch.k[:, 0, :, :valid], atol=1e-4), (k, b)
+            if k < model.num_heads:
+                assert torch.allclose(state.heads.hidden[k, b, :valid], reference[k][0, :valid], atol=1e-4), (k, b)
+
+
+@torch.no_grad()
+def test_head_caches_stay_valid_when_deep_heads_skip_steps(uncertain_model):
+    """Chain steps that draft with fewer heads than the model has (a draft threshold, the context end) leave the
+    deeper heads' caches alone; entries built on drafts rejected meanwhile must not count as valid later."""
+    model = uncertain_model
+    prompts = prompts_from(markov_tokens(600, seed=7, p_first=0.55), [9, 14, 6, 12])
+    batch = make_batch(prompts, 40, model.cfg.max_seq_len, 5, torch.device("cpu"))
+    state = prefill(model, batch, Greedy(), 4, None)
+    for step in range(10):
+        room = (4, 1, 2, 4, 3)[step % 5]  # some steps draft with heads 1..room only
+        advance(state, ChainDrafter(threshold=0.3).step(state, room))
+        assert_head_caches_match_recomputation(model, state)
 
 
 # ---- end to end -------------------------------------------------------------------------------------------
@@ -205,8 +244,8 @@ def test_tree_stops_at_eos_and_context_end(trained_model):
     prompts = prompts_from(markov_tokens(2000, seed=6), [4, 9, 13])
     free = autoregressive_generate(trained_model.main, prompts, 40).tokens
     eos = free[0][5]
-    reference = autoregressive_generate(trained_model.main, prompts, 40, eos_id=eos).tokens
-    assert speculative_generate(trained_model, prompts, 40, eos_id=eos, tree=drafter).tokens == reference
+    reference = autoregressive_generate(trained_model.main, prompts, 40, stop_ids={eos}).tokens
+    assert speculative_generate(trained_model, prompts, 40, stop_ids={eos}, tree=drafter).tokens == reference
     context = trained_model.cfg.max_seq_len
     long = markov_tokens(context - 6, seed=8).tolist()
     prompts = [long, long[:20]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +12,7 @@ from mtpd.errors import MtpdError
 
 @dataclass
 class Generation:
-    tokens: list[list[int]]  # generated tokens per row, prompt excluded, cut after EOS and at the budget
+    tokens: list[list[int]]  # generated tokens per row, prompt excluded, cut after a stop token and at the budget
     steps: int = 0  # main-model forward passes after the prefill
     accepted: list[int] = field(default_factory=list)  # speculative: drafts accepted, one entry per row-step
     drafted: list[int] = field(default_factory=list)  # speculative: drafts proposed, one entry per row-step
@@ -30,6 +31,7 @@ class Batch:
     seq: torch.Tensor  # [B, capacity] tokens (prompt, then generated, then room for drafts)
     prompt_len: torch.Tensor  # [B]
     budget: torch.Tensor  # [B] tokens each row may generate: max_new_tokens, or fewer near the context end
+    stop_ids: torch.Tensor  # [S] tokens that end a row (EOS, an instruct model's end of turn); empty: none
 
     @property
     def max_prompt_len(self) -> int:
@@ -37,8 +39,9 @@ class Batch:
 
 
 def make_batch(prompts: list[list[int]], max_new_tokens: int, context: int, extra: int,
-               device: torch.device) -> Batch:
-    """Lay out prompts; `extra` is room past the last generated token (speculative drafts)."""
+               device: torch.device, stop_ids: Collection[int] = ()) -> Batch:
+    """Lay out prompts; `extra` is room past the last generated token (speculative drafts); a row ends at
+    its budget or after any of `stop_ids`."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise MtpdError("every prompt needs at least one token: pass non-empty prompts")
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -53,26 +56,26 @@ def make_batch(prompts: list[list[int]], max_new_tokens: int, context: int, extr
     for row, prompt in enumerate(prompts):
         seq[row, :len(prompt)] = torch.tensor(prompt, device=device)
     budget = torch.clamp(context - lengths, max=max_new_tokens)
-    return Batch(seq, lengths, budget)
+    return Batch(seq, lengths, budget, torch.tensor(sorted(stop_ids), dtype=torch.long, device=device))
 
 
-def finished(batch: Batch, count: torch.Tensor, new_start: torch.Tensor, eos_id: int | None) -> torch.Tensor:
-    """Rows that reached their budget, or emitted EOS among seq[new_start:count]."""
+def finished(batch: Batch, count: torch.Tensor, new_start: torch.Tensor) -> torch.Tensor:
+    """Rows that reached their budget, or emitted a stop token among seq[new_start:count]."""
     done = count - batch.prompt_len >= batch.budget
-    if eos_id is not None:
+    if batch.stop_ids.numel():
         positions = torch.arange(batch.seq.shape[1], device=count.device)
         fresh = (positions >= new_start[:, None]) & (positions < count[:, None])
-        done |= ((batch.seq == eos_id) & fresh).any(-1)
+        done |= (torch.isin(batch.seq, batch.stop_ids) & fresh).any(-1)
     return done
 
 
-def collect(batch: Batch, count: torch.Tensor, eos_id: int | None) -> list[list[int]]:
-    """Each row's generated tokens, cut at its budget and after its first EOS."""
+def collect(batch: Batch, count: torch.Tensor) -> list[list[int]]:
+    """Each row's generated tokens, cut at its budget and after its first stop token."""
+    stop_ids = set(batch.stop_ids.tolist())
     outputs = []
     for row in range(batch.seq.shape[0]):
         start = int(batch.prompt_len[row])
         tokens = batch.seq[row, start:min(int(count[row]), start + int(batch.budget[row]))].tolist()
-        if eos_id is not None and eos_id in tokens:
-            tokens = tokens[:tokens.index(eos_id) + 1]
-        outputs.append(tokens)
+        stop = next((i for i, token in enumerate(tokens) if token in stop_ids), None)
+        outputs.append(tokens if stop is None else tokens[:stop + 1])
     return outputs

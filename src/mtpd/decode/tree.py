@@ -145,15 +145,21 @@ def path_nodes(ancestors: torch.Tensor, depth: torch.Tensor, node: torch.Tensor,
 
 def require_tree_support(model: MTPModel, depth: int, num_heads: int, candidates: int = 1) -> None:
     """Refuse a tree of `depth` that this model cannot draft with `num_heads` heads: the main model has no
-    tree attention (a Hugging Face backbone), the tree is deeper than the heads, or a node takes more
-    `candidates` from a head's ranking than the vocabulary has tokens."""
+    tree attention (a Hugging Face model on the transformers adapter), the tree is deeper than the heads, or
+    a node takes more `candidates` from a head's ranking than the heads' (draft) vocabulary has tokens."""
     if not model.main.supports_tree_attention:
-        raise MtpdError(f"tree drafting needs tree attention in the main model, which only mtpd's built-in "
-                        f"decoder has; this one ({type(model.main).__name__}) drafts chains only, as heads on a "
-                        f"Hugging Face model do: drop --tree / --tree-shape")
+        raise MtpdError(f"tree drafting needs tree attention in the main model, which mtpd's own decoder has (its "
+                        f"built-in models and Llama-family Hugging Face models); this Hugging Face model runs through "
+                        f"the transformers adapter ({type(model.main).__name__}) and drafts chains only: drop --tree "
+                        f"/ --tree-shape")
+    if model.cfg.independent_heads:  # a tree node's head reads its parent's state: the cascade
+        raise MtpdError("tree drafting expands each node with the next cascaded head; independent heads all draft "
+                        "from the last position and draft chains only: drop --tree / --tree-shape")
     if depth > num_heads:
         raise MtpdError(f"the draft tree is {depth} deep but {num_heads} heads draft: use a tree at most "
                         f"{num_heads} deep, or a checkpoint with more heads")
-    if candidates > model.cfg.vocab_size:
-        raise MtpdError(f"the draft tree takes rank {candidates - 1} of a head's ranking but the vocabulary has "
-                        f"{model.cfg.vocab_size} tokens: use ranks below {model.cfg.vocab_size}")
+    scored = model.cfg.draft_vocab_size  # the heads rank their draft vocabulary
+    if candidates > scored:
+        which = " heads' draft" if scored < model.cfg.vocab_size else ""
+        raise MtpdError(f"the draft tree takes rank {candidates - 1} of a head's ranking but the{which} vocabulary "
+                        f"has {scored} tokens: use ranks below {scored}")

@@ -32,6 +32,7 @@ import torch
 
 from mtpd.clock import step_clock
 from mtpd.decode.autoregressive import autoregressive_generate
+from mtpd.decode.chain import ChainDrafter
 from mtpd.decode.speculative import speculative_generate
 from mtpd.decode.tree import TreeShape
 from mtpd.decode.tree_draft import StaticTree
@@ -57,7 +58,8 @@ class DraftStatistics:
 def draft_statistics(model: MTPModel, prompts: list[list[int]], new_tokens: int, depth: int,
                      max_rank: int = 16) -> DraftStatistics:
     """Rank and top-probability statistics of heads 1..depth over the greedy continuations of `prompts`
-    (ranks >= max_rank are stored as max_rank: never in a tree)."""
+    (ranks >= max_rank are stored as max_rank: never in a tree; so is a token outside the heads' draft
+    vocabulary, which no head can propose)."""
     continuations = autoregressive_generate(model.main, prompts, new_tokens).tokens
     ranks, top_probs = [], []
     device = next(model.parameters()).device
@@ -71,8 +73,9 @@ def draft_statistics(model: MTPModel, prompts: list[list[int]], new_tokens: int,
         per_depth, probs = [], []
         for j in range(1, depth + 1):
             logits = head_logits[j - 1][0, roots - 1].float()  # head j at position n-1 predicts seq[n+j]
-            target = logits.gather(-1, sequence[0, roots + j, None])
-            per_depth.append((logits > target).sum(-1).clamp_max(max_rank))
+            index = model.to_draft_indices(sequence[0, roots + j])
+            rank = (logits > logits.gather(-1, index.clamp_min(0)[:, None])).sum(-1)
+            per_depth.append(torch.where(index >= 0, rank, max_rank).clamp_max(max_rank))
             probs.append(logits.softmax(-1).amax(-1))
         ranks.append(torch.stack(per_depth, -1).cpu())
         top_probs.append(torch.stack(probs, -1).cpu())
@@ -197,8 +200,8 @@ def measure_step_ms(model: MTPModel, prompt: list[int], num_heads: int, shapes: 
     many heads (not as trees)."""
     def run(shape: TreeShape, tokens: int):
         if chain_decoder:
-            return speculative_generate(model, [prompt], tokens, num_heads=shape.depth)
-        return speculative_generate(model, [prompt], tokens, num_heads=num_heads, tree=StaticTree(shape))
+            return speculative_generate(model, [prompt], tokens, num_heads=shape.depth, drafter=ChainDrafter())
+        return speculative_generate(model, [prompt], tokens, num_heads=num_heads, drafter=StaticTree(shape))
 
     clock = step_clock(next(model.parameters()).device)
     run(shapes[-1], 8)  # warm-up

@@ -21,19 +21,25 @@ Two growth policies decide which nodes exist (pluggable like the acceptance rule
                (decode/tree_calibration.py); same nodes in every row and step.
   DynamicTree  EAGLE-2 style: at each depth expand the `width` nodes of highest cumulative draft
                probability with their top `children` tokens, then verify the `nodes` best nodes.
-Rows with less context than the tree is deep, and the last steps before the context end, draft a chain.
+Rows with less context than the tree is deep, and the last steps before the context end, draft a chain
+(decode/chain.py). The decode state and the step a drafter returns are in decode/state.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from mtpd.decode.speculative import Decoding, Step, _gather_rows, _scatter_rows, chain_step
-from mtpd.decode.tree import TreeShape, accept_path, ancestor_matrix, path_nodes, tree_attention_mask
+from mtpd.decode.chain import ChainDrafter
+from mtpd.decode.state import Decoding, Step, gather_rows, scatter_rows
+from mtpd.decode.tree import (TreeShape, accept_path, ancestor_matrix, path_nodes, require_tree_support,
+                              tree_attention_mask)
 from mtpd.errors import MtpdError
-from mtpd.model import TreeAttention
+from mtpd.model import MTPModel, TreeAttention
+
+_CHAIN = ChainDrafter()  # without a draft threshold: what a tree step drafts when the tree does not fit
 
 
 @dataclass
@@ -90,75 +96,92 @@ class TreeDrafter:
     def plan(self, tree: DraftTree, k: int) -> HeadPlan:
         raise NotImplementedError
 
-    def grow(self, tree: DraftTree, k: int, plan: HeadPlan, logits: torch.Tensor) -> None:
+    def grow(self, tree: DraftTree, k: int, plan: HeadPlan, logits: torch.Tensor,
+             to_token_ids: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Add the children of plan.expand from head k's logits over the draft vocabulary [B, E, N];
+        `to_token_ids` maps the chosen draft indices to the token ids the tree holds."""
         raise NotImplementedError
 
     def verification(self, tree: DraftTree) -> VerifyTree:
         raise NotImplementedError
 
+    def check(self, model: MTPModel, num_heads: int) -> None:
+        require_tree_support(model, self.depth, num_heads, self.candidates)
+
+    def extra_slots(self, num_heads: int) -> int:
+        return max(_CHAIN.extra_slots(num_heads), self.max_nodes)  # a step may draft a chain instead
+
     def step(self, state: Decoding, room: int) -> Step:
         D, count, active = self.depth, state.count, state.active
         n = count - 1  # the root's position
         if room < D or bool(((n < D) & active).any()):  # near the context end, or too little context
-            return chain_step(state, min(state.num_heads, room))
+            return _CHAIN.step(state, room)
         n = torch.where(active, n, n.masked_fill(~active, 0).max())  # finished rows: any valid position
         model = state.model
+        # What the passes' shapes need from the host, in one transfer rather than one per head: each head's
+        # chunk (head k's depends only on its own `computed`, which the heads before it leave alone) and the
+        # furthest root, which bounds the slots an eager pass attends to.
+        roots = n - torch.arange(1, D + 1, device=n.device)[:, None]  # [D, B]: root position for head k
+        chunks = (roots - torch.minimum(state.heads.computed[1:D + 1], roots)).amax(1) + 1
+        *chunk_lengths, furthest = torch.cat([chunks, n.max()[None]]).tolist()
         tree = self.start(state.seq.gather(1, n[:, None])[:, 0], model.cfg.d_model, state.heads.hidden.dtype)
         plans = []
         for k in range(1, D + 1):
             plan = self.plan(tree, k)
-            self._run_head(state, tree, plan, k, n)
+            self._run_head(state, tree, plan, k, n, chunk_lengths[k - 1], furthest - k)
             B = tree.tokens.shape[0]
             expand = plan.expand.expand(B, -1)
-            logits = model.head_logits(k, _gather_rows(tree.hidden[k], expand))
-            self.grow(tree, k, plan, logits)
+            logits = model.draft_logits(k, gather_rows(tree.hidden[k], expand))
+            self.grow(tree, k, plan, logits, model.to_token_ids)
             plans.append(plan)
         verify = self.verification(tree)
-        best, h0, targets = self._verify(state, verify, n)
+        best, h0, targets = self._verify(state, verify, n, furthest)
         accepted = verify.depth.expand(best.shape[0], -1).gather(1, best[:, None])[:, 0]
         token = targets.gather(1, best[:, None])[:, 0]
         self._compact(state, tree, verify, plans, best, h0, n)
         return Step(accepted, token, D, verify.tokens.shape[1] - 1)
 
-    def _run_head(self, state: Decoding, tree: DraftTree, plan: HeadPlan, k: int, n: torch.Tensor) -> None:
-        """Head k over the positions its cache lacks (ending at the root) and the tree nodes of the plan."""
-        heads, seq, model = state.heads, state.seq, state.model
+    def _run_head(self, state: Decoding, tree: DraftTree, plan: HeadPlan, k: int, n: torch.Tensor, L: int,
+                  furthest_root: int) -> None:
+        """Head k over the L positions its cache lacks (ending at the root, n - k; the furthest row's root is
+        at `furthest_root`) and the tree nodes of the plan."""
+        heads, seq, model, passes = state.heads, state.seq, state.model, state.passes
         B, device = seq.shape[0], seq.device
         root = n - k
-        valid = torch.minimum(heads.computed[k], root)
-        L = int((root - valid).max()) + 1
         chunk = (root[:, None] - (L - 1) + torch.arange(L, device=device)).clamp_min(0)
-        prev, tokens = _gather_rows(heads.hidden[k - 1], chunk), seq.gather(1, chunk + k)
+        prev, tokens = gather_rows(heads.hidden[k - 1], chunk), seq.gather(1, chunk + k)
         T = plan.nodes.shape[1]
         if T == 0:
-            h = model.head_step(k, prev, chunk, tokens, heads.caches[k - 1])
+            h = passes.head(model, k, prev, chunk, tokens, heads.caches[k - 1])
         else:
             nodes = plan.nodes.expand(B, -1)
             parents = tree.parents.expand(B, -1).gather(1, nodes)
             positions = torch.cat([chunk, root[:, None] + tree.depth.expand(B, -1).gather(1, nodes)], 1)
             slots = torch.cat([chunk, root[:, None] + 1 + torch.arange(T, device=device)], 1)
-            prev = torch.cat([prev, _gather_rows(tree.hidden[k - 1], parents)], 1)
+            prev = torch.cat([prev, gather_rows(tree.hidden[k - 1], parents)], 1)
             tokens = torch.cat([tokens, tree.tokens.gather(1, nodes)], 1)
             prefix = torch.cat([chunk + 1, (root + 1)[:, None].expand(B, T)], 1)
             window = torch.cat([plan.window.new_zeros(plan.window.shape[0], L, T), plan.window], 1)
-            mask = tree_attention_mask(prefix, root + 1, window, int(root.max()) + 1 + T)
-            h = model.head_step(k, prev, positions, tokens, heads.caches[k - 1], TreeAttention(slots, mask))
-            _scatter_rows(tree.hidden[k], nodes, h[:, L:])
+            cache = heads.caches[k - 1]
+            mask = tree_attention_mask(prefix, root + 1, window, _attended(cache, furthest_root + 1 + T))
+            h = passes.head(model, k, prev, positions, tokens, cache, TreeAttention(slots, mask))
+            scatter_rows(tree.hidden[k], nodes, h[:, L:])
         if k < state.num_heads:
-            _scatter_rows(heads.hidden[k], chunk, h[:, :L])
+            scatter_rows(heads.hidden[k], chunk, h[:, :L])
         tree.hidden[k][:, 0] = h[:, L - 1]
         heads.computed[k] = root + 1
 
-    def _verify(self, state: Decoding, verify: VerifyTree, n: torch.Tensor):
-        """One main-model pass over all nodes; returns the deepest accepted node [B], h0 [B, N, d] and the
-        main model's target at every node [B, N]."""
+    def _verify(self, state: Decoding, verify: VerifyTree, n: torch.Tensor, furthest: int):
+        """One main-model pass over all nodes (the furthest row's root at `furthest`); returns the deepest
+        accepted node [B], h0 [B, N, d] and the main model's target at every node [B, N]."""
         B, N = verify.tokens.shape
         device = n.device
         positions = n[:, None] + verify.depth.expand(B, -1)
         slots = n[:, None] + torch.arange(N, device=device)
-        mask = tree_attention_mask(n[:, None].expand(B, N), n, verify.ancestors, int(n.max()) + N)
+        kv_len = _attended(state.main_cache, furthest + N)
+        mask = tree_attention_mask(n[:, None].expand(B, N), n, verify.ancestors, kv_len)
         main = state.model.main
-        h0 = main(verify.tokens, positions, state.main_cache, tree=TreeAttention(slots, mask))
+        h0 = state.passes.main(main, verify.tokens, positions, state.main_cache, tree=TreeAttention(slots, mask))
         targets, _ = state.rule.choose(main.logits(h0), state.generator)
         best = accept_path(verify.tokens, targets, verify.parents, verify.ancestors, verify.depth)
         return best, h0, targets
@@ -178,7 +201,7 @@ class TreeDrafter:
         seq.scatter_(1, target, torch.where(on_path & state.active[:, None], drafted, seq.gather(1, target)))
         state.main_cache.copy_slots(n[:, None] + torch.where(on_path, node[:, 1:], m), target)
         if state.num_heads:
-            _scatter_rows(heads.hidden[0], torch.cat([n[:, None], target], 1), _gather_rows(h0, node))
+            scatter_rows(heads.hidden[0], torch.cat([n[:, None], target], 1), gather_rows(h0, node))
         draft_path = verify.source.expand(B, -1).gather(1, node[:, 1:])  # [B, D] draft-tree nodes
         for k, plan in enumerate(plans, start=1):
             root = n - k
@@ -189,8 +212,14 @@ class TreeDrafter:
             target = root[:, None] + m
             heads.caches[k - 1].copy_slots(torch.where(valid, root[:, None] + 1 + local, target), target)
             if k < state.num_heads:  # positions past the valid prefix get stale values, recomputed before use
-                _scatter_rows(heads.hidden[k], target, _gather_rows(tree.hidden[k], draft_path))
+                scatter_rows(heads.hidden[k], target, gather_rows(tree.hidden[k], draft_path))
             heads.computed[k] = root + 1 + valid.sum(-1)
+
+
+def _attended(cache, needed: int) -> int:
+    """The slots a tree pass's mask covers: the whole of a static-shape cache (compiled decoding: one shape
+    whatever the positions), else the `needed` ones up to its furthest slot."""
+    return needed if cache.attended_len is None else cache.attended_len
 
 
 class StaticTree(TreeDrafter):
@@ -248,10 +277,11 @@ class StaticTree(TreeDrafter):
         p = self._plans[k - 1]
         return HeadPlan(p["nodes"], p["window"], p["expand"], p["local"])
 
-    def grow(self, tree: DraftTree, k: int, plan: HeadPlan, logits: torch.Tensor) -> None:
+    def grow(self, tree: DraftTree, k: int, plan: HeadPlan, logits: torch.Tensor,
+             to_token_ids: Callable[[torch.Tensor], torch.Tensor]) -> None:
         p = self._plans[k - 1]
         top = logits.topk(p["top"], dim=-1).indices  # [B, E, top]
-        tree.tokens[:, p["children"]] = top[:, p["child_parent"], p["child_rank"]]
+        tree.tokens[:, p["children"]] = to_token_ids(top[:, p["child_parent"], p["child_rank"]])
 
     def verification(self, tree: DraftTree) -> VerifyTree:
         source = torch.arange(self.max_nodes, device=tree.tokens.device)[None]
@@ -311,14 +341,15 @@ class DynamicTree(TreeDrafter):
         local.scatter_(1, nodes, torch.arange(T, device=device).expand(B, -1))
         return HeadPlan(nodes, window, expand, local)
 
-    def grow(self, tree: DraftTree, k: int, plan: HeadPlan, logits: torch.Tensor) -> None:
+    def grow(self, tree: DraftTree, k: int, plan: HeadPlan, logits: torch.Tensor,
+             to_token_ids: Callable[[torch.Tensor], torch.Tensor]) -> None:
         B, E = plan.expand.shape
         c = self.children
         logp = logits.float().log_softmax(-1).topk(c, dim=-1)  # [B, E, c]
         first = self._offsets[k]
         new = slice(first, first + E * c)
         parents = plan.expand.repeat_interleave(c, dim=1)  # [B, E*c]
-        tree.tokens[:, new] = logp.indices.reshape(B, -1)
+        tree.tokens[:, new] = to_token_ids(logp.indices.reshape(B, -1))
         tree.parents[:, new] = parents
         tree.logp[:, new] = tree.logp.gather(1, parents) + logp.values.reshape(B, -1).double()
         inherited = tree.ancestors.gather(1, parents[..., None].expand(-1, -1, self.max_nodes))
