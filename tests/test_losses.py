@@ -110,7 +110,7 @@ def _kl_only_grads(stop_grad: bool):
     T = inputs.shape[1]
     for k, head in enumerate(model.heads, start=1):
         hidden = head(hidden[:, :T - k], embeddings[:, k:], model.rotary.causal_span(T - k))
-        head_logits.append(model.head_logits(k, hidden))
+        head_logits.append(model.draft_logits(k, hidden))
     cfg = LossConfig(alpha_lambda=0.0, beta=1.0, main_weight=0.0, stop_grad=stop_grad, top_n=50)
     terms = mtp_d_loss(tokens, main_logits, head_logits, cfg)
     terms.total.backward()
@@ -148,7 +148,7 @@ def test_beta_zero_is_plain_mtp_and_weights_follow_paper_defaults():
                                                          (6, 2.0, "reverse"), (None, 0.5, "reverse")])
 def test_objective_kl_per_head_is_top_n_kl_towards_the_shifted_main_head(top_n, temperature, direction):
     """mtp_d_loss computes the teacher's distribution once and slices it per head; each head's term must be
-    top_n_kl against the main head at i + k over that teacher's own top-N (the definition, DESIGN §2)."""
+    top_n_kl against the main head at i + k over that teacher's own top-N (the definition, docs/design.md §2)."""
     torch.manual_seed(0)
     V = 30
     window = torch.randint(0, V, (2, 11))

@@ -443,6 +443,11 @@ def validation_windows(tokens: torch.Tensor, seq_len: int, max_windows: int) -> 
 # ---------------------------------------------------------------------------------------------- caching
 
 
+def cache_root() -> Path:
+    """Where mtpd keeps what it derives between runs: $MTPD_CACHE, else ~/.cache/mtpd (or XDG_CACHE_HOME's)."""
+    return _cache_root(None)
+
+
 def _cache_root(cache_dir: Path | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)

@@ -1,13 +1,17 @@
 """Teacher-forced evaluation on validation windows: main-head loss and perplexity, per-head cross-entropy,
-and offline acceptance per head (DESIGN §5)."""
+and offline acceptance per head (docs/design.md §5).
+
+With a draft vocabulary a head's cross-entropy is the training one, over the targets inside it; offline
+acceptance compares token ids, so a target outside it counts as a miss."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
-from mtpd.losses import cross_entropy, head_targets
+from mtpd.losses import cross_entropy, draft_cross_entropy, head_targets
 from mtpd.metrics import offline_acceptance
 from mtpd.model import MTPModel
 
@@ -29,8 +33,10 @@ def evaluate(model: MTPModel, windows: torch.Tensor, batch_size: int = 8, autoca
         # Weighted by the batch's windows: the last batch may be smaller, and every window counts once.
         main_loss += cross_entropy(main_logits, head_targets(window, 0)).item() * len(window)
         for k, logits in enumerate(head_logits, start=1):
-            head_loss[k - 1] += cross_entropy(logits, head_targets(window, k)).item() * len(window)
-            m, n = offline_acceptance(logits, main_logits, k)
+            draft_targets = model.to_draft_indices(head_targets(window, k))
+            ce = draft_cross_entropy(F.log_softmax(logits.float(), dim=-1), draft_targets)
+            head_loss[k - 1] += ce.item() * len(window)
+            m, n = offline_acceptance(model.to_token_ids(logits.argmax(-1)), main_logits, k)
             matches[k - 1] += m
             positions[k - 1] += n
     model.train(was_training)

@@ -1,4 +1,4 @@
-"""The MTP-D objective (DESIGN §2) as pure functions.
+"""The MTP-D objective (docs/design.md §2) as pure functions.
 
 Alignment, for a window of tokens t_0..t_T (inputs t_0..t_{T-1}):
   main head at position i predicts t_{i+1};
@@ -8,6 +8,14 @@ Alignment, for a window of tokens t_0..t_T (inputs t_0..t_{T-1}):
     L = CE(z0, t_{+1}) + sum_k alpha_k CE(zk, t_{+k+1}) + sum_k beta KL_k
     KL_k = mean_i KL(q_i || r_i),  q = softmax(sg(z0_{i+k})[S] / tau),  r = softmax(zk_i[S] / tau),
     S = top-N indices of the teacher's logits (both renormalised over S).
+
+With a draft vocabulary V' (the heads score only its N tokens, model/draft_vocab.py; docs/design.md §10) head logits
+are over V': a head's CE leaves out the targets outside V' (it cannot propose them) and its KL is over V',
+the teacher restricted to V' and then to its top-N there, both renormalised. The main head's CE is unchanged.
+
+`mtp_d_loss` is the whole objective from the main head's full logits; `heads_loss` is its head terms from a
+teacher already restricted to V', what head-only training computes (the frozen main head is then only the
+teacher, scored over V' alone: MTPModel.forward's main_scores="draft").
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mtpd.config import LossConfig
+from mtpd.model.draft_vocab import draft_index_map
 
 
 def head_targets(window: torch.Tensor, k: int) -> torch.Tensor:
@@ -32,6 +41,14 @@ def head_teacher(main_logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+def draft_cross_entropy(log_probs: torch.Tensor, draft_targets: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of draft_targets [...] (draft indices) under log_probs [..., N], over the
+    targets inside the draft vocabulary (-1 marks the others); 0 when there are none."""
+    targets = draft_targets.reshape(-1)
+    nll = F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]), targets, ignore_index=-1, reduction="sum")
+    return nll / (targets >= 0).sum().clamp_min(1)
 
 
 def top_n_support(teacher_logits: torch.Tensor, top_n: int | None) -> torch.Tensor | None:
@@ -82,33 +99,51 @@ def top_n_for_mass(logits: torch.Tensor, mass: float, max_positions: int = 1024)
 @dataclass
 class LossTerms:
     total: torch.Tensor
-    main_ce: torch.Tensor
+    main_ce: torch.Tensor | None  # None when not computed (head-only training reports it at evaluation)
     head_ce: list[torch.Tensor]
     head_kl: list[torch.Tensor]
 
 
 def mtp_d_loss(window: torch.Tensor, main_logits: torch.Tensor, head_logits: list[torch.Tensor],
-               cfg: LossConfig, top_n: int | None = None) -> LossTerms:
-    """The MTP-D objective for a window [B, T+1], main logits [B, T, V] and head logits [B, T-k, V].
+               cfg: LossConfig, top_n: int | None = None, draft_ids: torch.Tensor | None = None) -> LossTerms:
+    """The MTP-D objective for a window [B, T+1], main logits [B, T, V] and head logits [B, T-k, N] over the
+    draft vocabulary `draft_ids` [N] (None: the whole vocabulary, N = V).
 
     `top_n` overrides `cfg.top_n` (the trainer resolves cfg.top_n = None to a mass-covering N).
-    Every head's teacher is a shifted slice of the main head, so the teacher's support and
-    log-probabilities are computed once and sliced per head.
+    """
+    main_ce = cross_entropy(main_logits, head_targets(window, 0))
+    teacher = None
+    if cfg.resolved_beta(len(head_logits)):
+        teacher = main_logits.detach() if cfg.stop_grad else main_logits
+        if draft_ids is not None:
+            teacher = teacher.index_select(-1, draft_ids)
+    draft_index = None if draft_ids is None else draft_index_map(draft_ids, main_logits.shape[-1])
+    heads = heads_loss(window, teacher, head_logits, cfg, top_n, draft_index)
+    return LossTerms(cfg.main_weight * main_ce + heads.total, main_ce, heads.head_ce, heads.head_kl)
+
+
+def heads_loss(window: torch.Tensor, teacher_logits: torch.Tensor | None, head_logits: list[torch.Tensor],
+               cfg: LossConfig, top_n: int | None = None, draft_index: torch.Tensor | None = None) -> LossTerms:
+    """The heads' part of the MTP-D objective, sum_k alpha_k CE_k + beta KL_k, from the main head's logits
+    over the draft vocabulary [B, T, N] (the teacher; None when beta is 0) and head logits [B, T-k, N].
+    `draft_index` [V]: the draft index of each token id, -1 outside (`draft_index_map`; None: N = V).
+
+    What head-only training computes (main_ce None): the frozen main head is only the teacher, so it need not
+    score the whole vocabulary. Every head's teacher is a shifted slice of the main head, so the teacher's
+    support and log-probabilities are computed once and sliced per head.
     """
     K = len(head_logits)
     alpha = cfg.alpha_lambda / K if K else 0.0
     beta = cfg.resolved_beta(K)
-    main_ce = cross_entropy(main_logits, head_targets(window, 0))
-    total = cfg.main_weight * main_ce
     if beta:
-        teacher = main_logits.detach() if cfg.stop_grad else main_logits
-        support = top_n_support(teacher.detach(), top_n if top_n is not None else cfg.top_n)
-        teacher_log_probs = restricted_log_probs(teacher, support, cfg.temperature)
+        support = top_n_support(teacher_logits.detach(), top_n if top_n is not None else cfg.top_n)
+        teacher_log_probs = restricted_log_probs(teacher_logits, support, cfg.temperature)
+    total = torch.zeros((), device=window.device)
     head_ce, head_kl = [], []
     for k, logits in enumerate(head_logits, start=1):
         log_probs = F.log_softmax(logits.float(), dim=-1)
         targets = head_targets(window, k)
-        ce = F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]), targets.reshape(-1))
+        ce = draft_cross_entropy(log_probs, targets if draft_index is None else draft_index[targets])
         if beta:
             student_log_probs = (log_probs if support is None and cfg.temperature == 1.0 else
                                  restricted_log_probs(logits, None if support is None else support[:, k:],
@@ -119,4 +154,4 @@ def mtp_d_loss(window: torch.Tensor, main_logits: torch.Tensor, head_logits: lis
         total = total + alpha * ce + beta * kl
         head_ce.append(ce)
         head_kl.append(kl)
-    return LossTerms(total, main_ce, head_ce, head_kl)
+    return LossTerms(total, None, head_ce, head_kl)

@@ -1,4 +1,4 @@
-"""One trainer for every mode (DESIGN §3).
+"""One trainer for every mode (docs/design.md §3).
 
     joint pretraining      everything trains
     head-only (frozen)     freeze_main=True: the main model is frozen, only the heads train
@@ -7,6 +7,11 @@
 Frozen parts are not in the optimizer, get no gradient, and run under no_grad (cheaper and bit-identical
 afterwards). The loop is plain PyTorch: AdamW, warm-up + cosine schedule, gradient accumulation and
 clipping, optional bf16 autocast, periodic evaluation and atomic checkpoints with exact resume.
+
+With the main model frozen a step computes only what the heads learn from (docs/design.md §3.2): the main
+head over the draft vocabulary as their teacher (no full-vocabulary logits, no main CE: evaluation reports
+it), a pretrained model held in bf16 when that is the training precision, and its hidden states read from
+the teacher cache (teacher_cache.py) for windows it has seen.
 
 Under torchrun the same loop runs on every rank (distributed.py, parallel.py): each rank trains on its rows
 of the global batch (batch_size per rank x world size), gradients are averaged by DDP (or reduced by FSDP2),
@@ -37,9 +42,12 @@ from mtpd.data import TokenBatches, validation_windows
 from mtpd.atomic import atomic_file
 from mtpd.errors import MtpdError, require
 from mtpd.evaluate import evaluate
-from mtpd.losses import LossTerms, mtp_d_loss, top_n_for_mass
+from mtpd.losses import LossTerms, heads_loss, mtp_d_loss, top_n_for_mass
+from mtpd.model.draft_vocab import draft_index_map
 from mtpd.model import MTPModel
 from mtpd.parallel import parallelize
+from mtpd.precision import cast_for_decoding, resolve_dtype
+from mtpd.teacher_cache import TeacherCache
 
 
 BUDGET_FIELDS = ("max_steps", "max_tokens", "time_budget")
@@ -49,6 +57,9 @@ BUDGET_FIELDS = ("max_steps", "max_tokens", "time_budget")
 # otherwise end the run long before its time is up (or, the other way round, cut it short).
 PROBE_STEPS = 4
 RECENT_STEPS = 16
+# How heads on a pretrained model start: random (init_weights), or each head's block a copy of the main
+# model's last block (MTPModel.init_heads_from_last_block).
+HEAD_INITS = ("random", "last-block")
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,10 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     freeze_main: bool = False
     frozen_heads: int = 0
+    # Heads on a pretrained model (run.train_heads): how they start (HEAD_INITS), and whether the frozen main
+    # model's hidden states are read from / kept in a disk cache (teacher_cache.py).
+    head_init: str = "random"
+    teacher_cache: bool = False
 
     @property
     def tokens_per_step(self) -> int:
@@ -101,6 +116,7 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1 (got {self.keep_checkpoints})"),
             (self.frozen_heads >= 0, f"frozen_heads must be >= 0 (got {self.frozen_heads})"),
             (self.dtype in ("auto", "fp32", "bf16"), f"--dtype must be auto, fp32 or bf16 (got {self.dtype})"),
+            (self.head_init in HEAD_INITS, f"--head-init must be {' or '.join(HEAD_INITS)} (got {self.head_init})"),
         ]
         require(checks)
         return self
@@ -114,8 +130,13 @@ def learning_rate(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(cfg: TrainConfig, device: torch.device, pretrained_teacher: bool = False) -> torch.dtype | None:
+    """The autocast dtype of `--dtype`: auto is bf16 on CUDA and, for heads on a frozen pretrained model
+    (`pretrained_teacher`), wherever the device computes bf16 natively (precision.py: on this project's CPU the
+    frozen SmolLM2 runs 2x faster in bf16); built-in models keep fp32 on a CPU."""
     if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    if cfg.dtype == "auto" and pretrained_teacher and resolve_dtype("auto", device) == torch.bfloat16:
         return torch.bfloat16
     return None
 
@@ -149,13 +170,25 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.meta = meta or {}
         self.show_progress = show_progress and self.is_main
-        self.autocast = autocast_dtype(cfg, self.device)
+        # Heads on a Hugging Face model: checkpoints reference the frozen main model instead of saving it.
+        pretrained_teacher = cfg.freeze_main and model.main.source is not None
+        self.autocast = autocast_dtype(cfg, self.device, pretrained_teacher)
+        if pretrained_teacher and self.autocast is not None:
+            # Held in the autocast dtype (cast once): autocast would cast its frozen weights again at every
+            # matmul of every step, since it caches casts only of weights that require grad. The heads keep
+            # fp32 master weights.
+            cast_for_decoding(model.main, self.autocast)
+        if cfg.teacher_cache and not cfg.freeze_main:
+            raise MtpdError("--teacher-cache keeps a frozen main model's hidden states: it applies to heads trained "
+                            "on a frozen model (--hf, mtpd extend), not to joint pretraining")
         trainable_parameters(model, cfg)
         # The module the training step calls (DDP or FSDP2 under torchrun); self.model is the model itself
         # (sharded in place under FSDP2), for evaluation and checkpoints.
         self.parallel = parallelize(model.to(self.device), self.device, fsdp)
         self.model = self.parallel.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # After the cast and the move: the cache is keyed by the weights as they compute.
+        self.teacher_cache = TeacherCache(self.model.main, self.autocast) if cfg.teacher_cache else None
         decay = [p for p in self.params if p.dim() >= 2]
         no_decay = [p for p in self.params if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -169,8 +202,9 @@ class Trainer:
         self.elapsed = 0.0  # seconds spent in training steps, summed over resumed segments
         self.total_steps = self._planned_steps()
         self.top_n = loss_cfg.top_n
-        # With a frozen main model its cross-entropy is only reported, not optimised.
+        # With a frozen main model its cross-entropy is only reported (by evaluation), not optimised.
         self.objective = dataclasses.replace(loss_cfg, main_weight=0.0) if cfg.freeze_main else loss_cfg
+        self.beta = loss_cfg.resolved_beta(model.num_heads)
         self.last_eval: dict = {}
         self.last_eval_step = -1
         self.last_save_step = -1
@@ -210,8 +244,17 @@ class Trainer:
     # --- one optimisation step ----------------------------------------------------------------------------
     def loss(self, window: torch.Tensor) -> LossTerms:
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            main_logits, head_logits = self.parallel.module(window[:, :-1])
-            return mtp_d_loss(window, main_logits, head_logits, self.objective, self.top_n)
+            if not self.cfg.freeze_main:
+                main_logits, head_logits = self.parallel.module(window[:, :-1])
+                return mtp_d_loss(window, main_logits, head_logits, self.objective, self.top_n, self.model.draft_ids)
+            # A frozen main model is only the teacher: its head scores the draft vocabulary alone (no [B, T, V]
+            # logits), and only for the KL; its cross-entropy, constant here, is left to evaluation.
+            inputs = window[:, :-1]
+            h0 = None if self.teacher_cache is None else self.teacher_cache.hidden_states(self.model.main, inputs)
+            teacher, head_logits = self.parallel.module(inputs, main_scores="draft" if self.beta else "none", h0=h0)
+            ids = self.model.draft_ids  # read now: a resumed run loads its ids after the trainer is built
+            draft_index = None if ids is None else draft_index_map(ids, self.model.cfg.vocab_size)
+            return heads_loss(window, teacher, head_logits, self.objective, self.top_n, draft_index)
 
     def train_step(self) -> dict:
         lr = learning_rate(self.step, self.total_steps or 10**9, self.cfg)
@@ -223,7 +266,7 @@ class Trainer:
             with self.parallel.gradient_sync(micro_batch == self.cfg.grad_accum):
                 terms = self.loss(window)
                 (terms.total / self.cfg.grad_accum).backward()
-            stats = {"loss": terms.total.item(), "ce0": terms.main_ce.item(),
+            stats = {"loss": terms.total.item(), **({} if terms.main_ce is None else {"ce0": terms.main_ce.item()}),
                      **{f"ce{k}": ce.item() for k, ce in enumerate(terms.head_ce, 1)},
                      **{f"kl{k}": kl.item() for k, kl in enumerate(terms.head_kl, 1)}}
             totals = stats if totals is None else {k: totals[k] + v for k, v in stats.items()}
@@ -257,16 +300,18 @@ class Trainer:
 
     @torch.no_grad()
     def _refresh_top_n(self) -> None:
-        """Re-pick N so the teacher's top-N covers `top_mass` of its probability on average (DESIGN §2).
+        """Re-pick N so the teacher's top-N covers `top_mass` of its probability on average (docs/design.md §2).
 
         Only when the user did not set --top-n. Past half the vocabulary, gathering N logits costs more than
         the full softmax and changes the result by < 1 - top_mass of the mass, so the full vocabulary is used.
+        With a draft vocabulary, mass and N are those of the teacher restricted to it, as in the KL.
         """
         if self.loss_cfg.top_n is not None or not self.loss_cfg.resolved_beta(self.model.num_heads):
             return
         window = self.val_windows[: self.cfg.batch_size].to(self.device)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            logits, _ = self.model(window[:, :-1])  # the whole model: under FSDP2 only its root gathers weights
+            # the whole model: under FSDP2 only its root gathers weights
+            logits, _ = self.model(window[:, :-1], main_scores="draft")
         n = top_n_for_mass(logits, self.loss_cfg.top_mass)
         self.top_n = distributed.from_main(n if n <= logits.shape[-1] // 2 else None)
 
@@ -397,7 +442,7 @@ class Trainer:
                 self.save()
 
     def _postfix(self, stats: dict, seconds: float) -> dict:
-        shown = {"loss": f"{stats['loss']:.3f}", "ce0": f"{stats['ce0']:.2f}"}
+        shown = {"loss": f"{stats['loss']:.3f}", **({"ce0": f"{stats['ce0']:.2f}"} if "ce0" in stats else {})}
         for k in range(1, self.model.num_heads + 1):
             if f"ce{k}" in stats:
                 shown[f"h{k}"] = f"{stats[f'ce{k}']:.2f}/{stats[f'kl{k}']:.2f}"
