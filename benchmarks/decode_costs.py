@@ -1,23 +1,34 @@
-"""Per-pass costs of the decode loop's pieces (DESIGN §9), on random weights: acceptance does not matter here.
+"""Per-pass costs of the decode loop's pieces (docs/design.md §9, §10), on random heads: acceptance does not
+matter here, only what each piece costs.
 
-    t_1      main model, one token, KV cache holding `--context` positions
-    t_{K+1}  main model, K+1 tokens (a verification pass)
-    t_h      one head step (projection + block + the shared vocabulary projection), one token
+    pass_ms[T]   the main model over T tokens (with their logits), the KV cache holding `--context` positions:
+                 T = 1 is an autoregressive step, T = K+1 a verification pass of K drafts
+    head_ms[V']  one head step for one token: projection + block + the output layer over V' tokens (the full
+                 vocabulary, or a draft vocabulary of the V' most frequent tokens)
+    ar_tokens_per_s  the real KV-cached autoregressive loop (`autoregressive_generate`), one prompt
+    spec_step_ms     pass_ms[K+1] + K * head_ms: a speculative step with K heads drafting, and its cost in AR
+                     steps (the mean accepted tokens tau it needs to break even)
 
-and the speedup these imply at a given mean accepted tokens tau: tau * t_1 / (t_{K+1} + K * t_h).
-Usage: python benchmarks/decode_costs.py --preset small --heads 4 [--threads 2] [--json out.json]
+for each dtype asked, in one process (so the fp32 / bf16 ratios come from the same run).
+
+    python benchmarks/decode_costs.py --preset small --heads 4
+    python benchmarks/decode_costs.py --hf smollm2 --dtypes fp32 bf16 --draft-vocab 0 8192 --json costs.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import platform
 import time
 
 import torch
 
 from mtpd.config import preset
+from mtpd.decode import autoregressive_generate
 from mtpd.model import MTPModel
+from mtpd.precision import resolve_dtype
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -31,50 +42,85 @@ def median_ms(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
-@torch.no_grad()
-def measure(preset_name: str, heads: int, context: int, repeats: int) -> dict:
+def build(args, heads: int, draft_vocab: int) -> MTPModel:
     torch.manual_seed(0)
-    model = MTPModel(preset(preset_name, mtp_heads=heads)).eval()
-    main, V, d = model.main, model.cfg.vocab_size, model.cfg.d_model
-    context = min(context, model.cfg.max_seq_len - heads - 2)
-    cache = main.new_cache(1, context + heads + 2)
+    if args.hf:
+        from mtpd.model.backbone import load_backbone
+
+        backbone = load_backbone(args.hf, max_seq_len=args.context + 64)
+        cfg = backbone.head_config(heads)
+    else:
+        backbone, cfg = None, preset(args.preset, mtp_heads=heads)
+    if draft_vocab:
+        cfg = dataclasses.replace(cfg, draft_vocab=draft_vocab)
+    return MTPModel(cfg, backbone).eval()
+
+
+@torch.no_grad()
+def measure(model: MTPModel, dtype: torch.dtype, tokens: list[int], context: int, repeats: int) -> dict:
+    model = model.to(dtype)
+    main, V, d, K = model.main, model.cfg.vocab_size, model.cfg.d_model, model.num_heads
+    cache = main.new_cache(1, context + max(tokens) + 2)
     main(torch.randint(0, V, (1, context)), torch.arange(context)[None], cache)
-    head_cache = model.new_head_caches(1, context + heads + 2)[0]
-    model.head_step(1, torch.randn(1, context, d), torch.arange(context)[None],
+    head_cache = model.new_head_caches(1, context + 2)[0]
+    model.head_step(1, torch.randn(1, context, d, dtype=dtype), torch.arange(context)[None],
                     torch.randint(0, V, (1, context)), head_cache)
 
     def main_pass(T: int):
-        tokens, positions = torch.randint(0, V, (1, T)), torch.arange(context, context + T)[None]
-        return lambda: main.logits(main(tokens, positions, cache))
+        ids, positions = torch.randint(0, V, (1, T)), torch.arange(context, context + T)[None]
+        return lambda: main.logits(main(ids, positions, cache))
 
-    hidden, token, position = torch.randn(1, 1, d), torch.randint(0, V, (1, 1)), torch.tensor([[context]])
-    head = lambda: model.head_logits(1, model.head_step(1, hidden, position, token, head_cache))  # noqa: E731
-    costs = {"t_1": median_ms(main_pass(1), repeats), f"t_{heads + 1}": median_ms(main_pass(heads + 1), repeats),
-             "t_h": median_ms(head, repeats)}
-    spec_step = costs[f"t_{heads + 1}"] + heads * costs["t_h"]
-    return {"preset": preset_name, "heads": heads, "context": context, "threads": torch.get_num_threads(),
-            "params_main": sum(p.numel() for p in main.parameters()), **{k: round(v, 3) for k, v in costs.items()},
-            "spec_step_ms": round(spec_step, 3),
-            "implied_speedup_at_tau": {tau: round(tau * costs["t_1"] / spec_step, 3)
-                                       for tau in (1.5, 2.0, 2.5, 3.0, 3.5, heads + 1.0)}}
+    hidden = torch.randn(1, 1, d, dtype=dtype)
+    token, position = torch.randint(0, V, (1, 1)), torch.tensor([[context]])
+    head = lambda: model.draft_logits(1, model.head_step(1, hidden, position, token, head_cache))  # noqa: E731
+    pass_ms = {T: median_ms(main_pass(T), repeats) for T in tokens}
+    head_ms = median_ms(head, repeats)
+    prompt = torch.randint(0, V, (context,), generator=torch.Generator().manual_seed(1)).tolist()
+    autoregressive_generate(main, [prompt], 8)  # warm-up
+    t0 = time.perf_counter()
+    new = autoregressive_generate(main, [prompt], 64).num_tokens
+    ar_rate = new / (time.perf_counter() - t0)
+    result = {"pass_ms": {T: round(v, 3) for T, v in pass_ms.items()}, "head_ms": round(head_ms, 3),
+              "ar_tokens_per_s": round(ar_rate, 2)}
+    if K + 1 in pass_ms:
+        step = pass_ms[K + 1] + K * head_ms
+        result |= {"spec_step_ms": round(step, 3), "spec_step_in_ar_steps": round(step / pass_ms[1], 3)}
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=200)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="small", help="a built-in preset (default: small)")
+    source.add_argument("--hf", help="a Hugging Face model: directory, .gguf file or `smollm2`")
+    parser.add_argument("--heads", type=int, default=4, help="K: the verification pass covers K+1 tokens")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 3, 5, 9, 17], help="pass sizes T")
+    parser.add_argument("--draft-vocab", nargs="+", type=int, default=[0],
+                        help="head output sizes to time; 0 = the full vocabulary (default: 0)")
+    parser.add_argument("--context", type=int, default=64, help="positions already in the KV cache (default: 64)")
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = measure(args.preset, args.heads, args.context, args.repeats)
-    print(json.dumps(result, indent=2))
+    tokens = sorted(set(args.tokens) | {1, args.heads + 1})
+    report = {"model": args.hf or args.preset, "heads": args.heads, "context": args.context,
+              "threads": torch.get_num_threads(), "device_name": platform.processor() or platform.machine(),
+              "torch_version": torch.__version__, "results": []}
+    for draft_vocab in args.draft_vocab:
+        model = build(args, args.heads, draft_vocab)
+        report["params_main"] = sum(p.numel() for p in model.main.parameters())
+        report["vocab_size"] = model.cfg.vocab_size
+        for name in args.dtypes:
+            result = {"dtype": name, "draft_vocab": draft_vocab or model.cfg.vocab_size,
+                      **measure(model, resolve_dtype(name, "cpu"), tokens, args.context, args.repeats)}
+            print(json.dumps(result), flush=True)
+            report["results"].append(result)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

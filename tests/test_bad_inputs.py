@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE_TEXT
+from mtpd.atomic import discarded_on_failure
 from mtpd.checkpoint import STATE_FILE, TOKENIZER_FILE, WEIGHTS_FILE, list_checkpoints
 from mtpd.cli import main
 from mtpd.data import train_tokenizer
@@ -229,3 +230,89 @@ def test_bench_json_into_a_directory_is_refused_before_the_benchmark(run_dir, tm
     code, out, err = run(capsys, "bench", "--ckpt", run_dir, "--json", tmp_path, "--rounds", 1, "--skip-no-cache")
     assert_one_line_error(code, err, "cannot write --json", "choose another --json path")
     assert "method" not in out  # no table: nothing was benchmarked
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--lr", "0.001"], "lr 0.001, saved 0.002"),
+    (["--heads", "4"], "mtp_heads 4, saved 2"),  # typed, though equal to the default: still not the run's
+    (["--no-stop-grad"], "stop_grad False, saved True"),
+])
+def test_resume_refuses_a_setting_it_would_ignore(flags, fragment, run_dir, capsys):
+    before = snapshot(run_dir)
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--max-steps", "4", "--quiet", *flags)
+    assert_one_line_error(code, err, f"{' '.join(flags)} does not apply with --resume", fragment,
+                          "only budget flags (--max-steps, --max-tokens, --time-budget)", "another --out")
+    assert snapshot(run_dir) == before
+
+
+def test_resume_with_the_same_command_continues(run_dir, pristine_run, capsys):
+    corpus = pristine_run.parent / "corpus"
+    code, _, err = run(capsys, "train", *MICRO, "--batch-size", "4", "--data", corpus, "--max-steps", "3",
+                       "--out", run_dir, "--resume")
+    assert code == 0, err
+    assert list_checkpoints(run_dir)[-1][0] == 3
+
+
+def test_extend_resume_refuses_another_fraction(run_dir, tmp_path, capsys):
+    extension = ["extend", "--ckpt", run_dir, "--to", "4", "--out", tmp_path / "ext", "--quiet"]
+    code, _, err = run(capsys, *extension, "--max-steps", "1")
+    assert code == 0, err
+    code, _, err = run(capsys, *extension, "--resume", "--fraction", "0.5")
+    assert_one_line_error(code, err, "--fraction 0.5 does not apply with --resume", "max_steps None, saved 1")
+
+
+def _interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("failure", ["missing corpus", "empty corpus", "Ctrl-C while loading"])
+def test_a_run_that_fails_before_saving_leaves_no_directory(failure, tmp_path, capsys, monkeypatch, corpus_dir):
+    (tmp_path / "empty.txt").write_text("\n")
+    data = {"missing corpus": "/nonexistent", "empty corpus": tmp_path / "empty.txt"}.get(failure, corpus_dir)
+    if failure == "Ctrl-C while loading":
+        monkeypatch.setattr("mtpd.run.tokenized_corpus", _interrupted)
+    (tmp_path / "mine").mkdir()  # made by the user: kept, even empty
+    for out in (tmp_path / "new" / "run", tmp_path / "mine"):
+        code = main([str(a) for a in ("train", *MICRO, "--data", data, "--max-steps", "1", "--out", out)])
+        assert code == (130 if failure == "Ctrl-C while loading" else 2)
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
+def test_extend_experiment_and_export_that_fail_leave_no_directory(run_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "mine").mkdir()
+    for command in (["extend", "--ckpt", run_dir, "--to", "4", "--data", "/nonexistent", "--quiet"],
+                    ["experiment", "--data", "/nonexistent", "--quiet"]):
+        for out in (tmp_path / "new" / "out", tmp_path / "mine"):
+            code, _, err = run(capsys, *command, "--out", out)
+            assert code == 2 and "does not exist" in err
+    monkeypatch.setattr("mtpd.export.to_llama", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left")))
+    code, _, err = run(capsys, "export-hf", "--ckpt", run_dir, "--out", tmp_path / "new" / "hf")
+    assert_one_line_error(code, err, "cannot write", "No space left")
+    assert not (tmp_path / "new").exists()
+    assert not any((tmp_path / "mine").iterdir())  # the experiment's settings.json went with its failure
+
+
+def test_discarded_on_failure_never_removes_what_holds_a_file(tmp_path):
+    kept, discarded = tmp_path / "a" / "b", tmp_path / "c" / "d"
+    for target, name in ((kept, "result"), (discarded, "log")):
+        with pytest.raises(RuntimeError), discarded_on_failure(target, disposable=("log",)):
+            target.mkdir(parents=True)
+            (target / name).write_text("x")
+            raise RuntimeError
+    assert (kept / "result").read_text() == "x"
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_hf_model_refused_after_loading_prints_no_transformers_progress_bars(tmp_path, capfd, corpus_dir):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GraniteConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "granite")
+    capfd.readouterr()
+    code = main([str(a) for a in ("train", "--hf", tmp_path / "granite", "--heads", "2", "--max-steps", "1",
+                                  "--data", corpus_dir, "--out", tmp_path / "run", "--quiet")])
+    err = capfd.readouterr().err
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: ") and "transforms its logits" in err
+    assert "Loading weights" not in err and "it/s" not in err
+    assert transformers.utils.logging.is_progress_bar_enabled()  # restored after the load

@@ -137,8 +137,11 @@ def test_train_eval_resume_end_to_end(tmp_path, capsys, corpus_dir):
     assert all(0 <= a <= 1 for a in metrics["offline_acceptance"])
     assert metrics["checkpoint"] == str(checkpoint_dir(out, 20))
 
-    # The budget given with --resume replaces the saved one; everything else (here --lr) comes from the run.
-    code, stdout, err = run(capsys, "train", "--out", out, "--resume", "--max-steps", "40", "--lr", "99", "--quiet")
+    # A resumed run keeps its saved settings, so a settings flag it would ignore is refused.
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--max-steps", "40", "--lr", "99", "--quiet")
+    assert_one_line_error(code, err, "--lr 99.0 does not apply with --resume", "lr 99.0, saved 0.002")
+    # The budget given with --resume replaces the saved one; everything else comes from the run.
+    code, stdout, err = run(capsys, "train", "--out", out, "--resume", "--max-steps", "40", "--quiet")
     assert code == 0, err
     assert "resuming" in stdout and "step 20" in stdout
     assert list_checkpoints(out)[-1][0] == 40
@@ -171,14 +174,14 @@ def test_train_help_lists_the_contracted_flags(capsys):
 def test_generate_speculative_and_plain_print_the_same_text(tmp_path, capsys, corpus_dir):
     saved_run(tmp_path / "run", corpus_dir)
     prompt = "def fib_3(n):\n"
-    code, spec, err = run(capsys, "generate", "--ckpt", tmp_path / "run", "--prompt", prompt, "--max-new-tokens", 30)
+    code, spec, err = run(capsys, "generate", "--ckpt", tmp_path / "run", "--dtype", "fp32", "--prompt", prompt, "--max-new-tokens", 30)
     assert code == 0, err
     assert "tokens per main-model pass" in err
-    code, plain, err = run(capsys, "generate", "--ckpt", tmp_path / "run", "--prompt", prompt, "--max-new-tokens", 30,
+    code, plain, err = run(capsys, "generate", "--ckpt", tmp_path / "run", "--dtype", "fp32", "--prompt", prompt, "--max-new-tokens", 30,
                            "--no-spec")
     assert code == 0, err
     assert spec == plain and spec  # an untrained model may well write only newlines
-    code, tree, err = run(capsys, "generate", "--ckpt", tmp_path / "run", "--prompt", prompt, "--max-new-tokens", 30,
+    code, tree, err = run(capsys, "generate", "--ckpt", tmp_path / "run", "--dtype", "fp32", "--prompt", prompt, "--max-new-tokens", 30,
                           "--tree-shape", "0 1 0.0 1.0")
     assert code == 0, err
     assert tree == plain
@@ -186,7 +189,7 @@ def test_generate_speculative_and_plain_print_the_same_text(tmp_path, capsys, co
 
 def test_bench_writes_the_design_report(tmp_path, capsys, corpus_dir):
     saved_run(tmp_path / "run", corpus_dir)
-    code, out, err = run(capsys, "bench", "--ckpt", tmp_path / "run", "--num-prompts", 2, "--prompt-tokens", 8,
+    code, out, err = run(capsys, "bench", "--ckpt", tmp_path / "run", "--dtype", "fp32", "--num-prompts", 2, "--prompt-tokens", 8,
                          "--max-new-tokens", 12, "--rounds", 1, "--json", tmp_path / "bench.json")
     assert code == 0, err
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -204,7 +207,7 @@ def test_calibrating_benches_generating_fewer_tokens_than_heads(tmp_path, capsys
     """Calibration continues its prompts by enough tokens for every head, whatever --max-new-tokens says
     (regression: 2 new tokens and 2 heads gave no calibration positions)."""
     saved_run(tmp_path / "run", corpus_dir)
-    code, out, err = run(capsys, "bench", "--ckpt", tmp_path / "run", "--num-prompts", 2, "--prompt-tokens", 8,
+    code, out, err = run(capsys, "bench", "--ckpt", tmp_path / "run", "--dtype", "fp32", "--num-prompts", 2, "--prompt-tokens", 8,
                          "--max-new-tokens", 2, "--rounds", 1, "--skip-no-cache", "--tree-nodes", 3, *flags)
     assert code == 0, err
     assert "greedy output identical to autoregressive: yes" in out
@@ -212,7 +215,7 @@ def test_calibrating_benches_generating_fewer_tokens_than_heads(tmp_path, capsys
 
 def test_bench_tree_runs_chain_and_trees_side_by_side(tmp_path, capsys, corpus_dir):
     saved_run(tmp_path / "run", corpus_dir)
-    code, out, err = run(capsys, "bench", "--ckpt", tmp_path / "run", "--num-prompts", 2, "--prompt-tokens", 8,
+    code, out, err = run(capsys, "bench", "--ckpt", tmp_path / "run", "--dtype", "fp32", "--num-prompts", 2, "--prompt-tokens", 8,
                          "--max-new-tokens", 10, "--rounds", 1, "--skip-no-cache", "--tree-dynamic",
                          "--tree-nodes", 4, "--json", tmp_path / "bench.json")
     assert code == 0, err
@@ -284,3 +287,16 @@ def test_bench_with_a_missing_prompts_file_is_one_line(tmp_path, capsys, corpus_
     saved_run(tmp_path / "run", corpus_dir)
     code, _, err = run(capsys, "bench", "--ckpt", tmp_path / "run", "--prompts", tmp_path / "nope.txt")
     assert_one_line_error(code, err, "prompts file", "does not exist")
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["train", "--bogus"], ["unrecognized arguments: --bogus: see `mtpd train --help`"]),
+    (["train", "--lrr", "0.1"], ["unrecognized arguments: --lrr 0.1 (did you mean --lr?)"]),
+    (["bench"], ["the following arguments are required: --ckpt: see `mtpd bench --help`"]),
+    (["train", "--heads", "x"], ["argument --heads: invalid int value: 'x'", "see `mtpd train --help`"]),
+    (["nosuchcommand"], ["invalid choice: 'nosuchcommand'", "see `mtpd --help`"]),
+])
+def test_usage_errors_are_one_line_with_a_pointer_to_help(argv, fragments, capsys):
+    code, out, err = run(capsys, *argv)
+    assert_one_line_error(code, err, *fragments)
+    assert "usage:" not in out + err

@@ -9,31 +9,38 @@ work done, where wall time also measures the waiting.
 With `tree`, a static draft tree is chosen first (decode/tree_calibration.py: acceptance statistics on
 validation prompts held out from the benchmark's, and timed steps) unless `tree_shape` gives one; the
 report's `tree` object carries the same metrics as the chain's (top level), plus the tree's shape.
+
+Prompts from a question file (prompts.py) carry categories: batches never span two, and every batch's
+tokens and seconds are kept, so each category's speedup comes from the same rounds as the overall one
+(`per_category`). Their second turns are timed after the first, in a `second_turn` object of the same fields.
 """
 
 from __future__ import annotations
 
+import functools
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
-from tokenizers import Tokenizer
 
 from mtpd.checkpoint import Checkpoint
 from mtpd.clock import wall_clock
 from mtpd.config import DRAFT_THRESHOLD
-from mtpd.decode import Greedy, autoregressive_generate, make_rule, speculative_generate
+from mtpd.decode import ChainDrafter, Greedy, autoregressive_generate, make_rule, speculative_generate
 from mtpd.decode.generation import Generation
+from mtpd.decode.passes import graphs_compiled, passes_for
 from mtpd.decode.tree import TreeShape, require_tree_support
 from mtpd.decode.tree_calibration import calibrate_chain, calibrate_tree
 from mtpd.decode.tree_draft import DynamicTree, StaticTree
 from mtpd.errors import MtpdError, require
-from mtpd.metrics import acceptance_rates, cumulative_acceptance, mean_accepted_tokens
+from mtpd.metrics import acceptance_rates, cumulative_acceptance, first_divergence, mean_accepted_tokens
 from mtpd.model.hf import HFBackbone
+from mtpd.model.source import load_transformers_model
 from mtpd.peers import PROMPT_LOOKUP_TOKENS, hf_peer_methods
+from mtpd.precision import cast_for_decoding, weights_dtype
+from mtpd.prompts import PromptSet
 from mtpd.report import format_table
 
 
@@ -55,6 +62,8 @@ class BenchConfig:
     tree_nodes: int = 16  # calibration tries trees of up to this many nodes (root included)
     tree_dynamic: bool = False  # also decode with a dynamic (EAGLE-2) tree of the static tree's node count
     calibration_prompts: int = 16  # held-out validation prompts for the tree's or heads' acceptance statistics
+    second_turns: bool = True  # question files: also the second turns, after the model's first answers
+    compile: bool = False  # every method mtpd decodes (baselines, chain, trees) with its blocks compiled (decode/passes.py)
 
     def calibration_tokens(self, depth: int) -> int:
         """Greedy tokens per calibration prompt: as many as the benchmark generates, and enough for the
@@ -96,36 +105,42 @@ def validation_prompts(val_tokens: torch.Tensor, num_prompts: int, prompt_tokens
     return [val_tokens[s:s + prompt_tokens].tolist() for s in starts]
 
 
-def file_prompts(path: str | Path, tokenizer: Tokenizer) -> list[list[int]]:
-    """One prompt per non-empty line of a UTF-8 file (write `\\n` for a line break inside a prompt)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise MtpdError(f"prompts file '{path}' does not exist: pass a text file with one prompt per line") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MtpdError(f"cannot read prompts file '{path}' ({exc}): pass a UTF-8 text file, one prompt per line") from None
-    prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
-    if not prompts:
-        raise MtpdError(f"prompts file '{path}' has no non-empty line: write one prompt per line")
-    return [tokenizer.encode(prompt, add_special_tokens=False).ids for prompt in prompts]
+def _batches(prompts: list[list[int]], size: int,
+             categories: list[str] | None = None) -> tuple[list[list[list[int]]], list[str | None]]:
+    """Consecutive prompts in batches of up to `size`, and each batch's category: a batch never spans two
+    categories, so per-category rates are sums over whole batches. Rows stay in the prompts' order."""
+    categories = categories or [None] * len(prompts)
+    batches, labels = [], []
+    for start in range(len(prompts)):
+        if start == 0 or categories[start] != labels[-1] or len(batches[-1]) == size:
+            batches.append([])
+            labels.append(categories[start])
+        batches[-1].append(prompts[start])
+    return batches, labels
 
 
-def _batches(prompts: list[list[int]], size: int) -> list[list[list[int]]]:
-    return [prompts[i:i + size] for i in range(0, len(prompts), size)]
-
-
-def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchConfig,
+def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]] | PromptSet, cfg: BenchConfig,
                   progress: Callable[[str], None] | None = None,
-                  calibration_prompts: list[list[int]] | None = None) -> dict:
-    """Calibrate what the config asks to be chosen, time every method (`time_methods`) and report (DESIGN §6;
+                  calibration_prompts: list[list[int]] | None = None, dtype_reason: str | None = None) -> dict:
+    """Calibrate what the config asks to be chosen, time every method (`time_methods`) and report (docs/design.md §6;
     `speculative_metrics` per drafter; `seconds`: the warm-up and the timed rounds). `calibration_prompts`:
     held-out prompts the tree (with `tree` and no `tree_shape`) or the number of heads (with `auto_heads`) is
-    calibrated on."""
+    calibrated on. The model decodes in the dtype of its weights (precision.cast_for_decoding);
+    `dtype_reason` says why it is that one (precision.dtype_reason).
+
+    `prompts` from a question file (a PromptSet with categories) add `per_category` figures and, with
+    `cfg.second_turns`, a `second_turn` object: the questions' second turns, asked after the model's own first
+    answers (the AR baseline's round-0 output, cut at its first stop token), timed and reported alike."""
+    prompt_set = prompts if isinstance(prompts, PromptSet) else PromptSet(prompts)
+    prompts = prompt_set.prompts
     model = checkpoint.model.eval()
-    context, longest = model.main.max_seq_len, max(len(p) for p in prompts)
-    if longest + cfg.max_new_tokens > context:  # every method must generate exactly max_new_tokens
-        raise MtpdError(f"prompts of up to {longest} tokens plus --max-new-tokens {cfg.max_new_tokens} exceed the "
-                        f"model's context of {context} tokens: lower --max-new-tokens or --prompt-tokens")
+    context = model.main.max_seq_len
+    passes_for(model.main, cfg.compile)  # a model mtpd cannot compile is refused before any work
+    _check_fits([len(p) for p in prompts], cfg, context, "prompts", "lower --max-new-tokens or --prompt-tokens")
+    if cfg.second_turns:  # estimated before any work; the rendered second turns are checked again
+        _check_fits(prompt_set.second_turn_lengths(cfg.max_new_tokens), cfg, context,
+                    "second-turn prompts (turn 1, an answer of up to --max-new-tokens, turn 2)",
+                    "lower --max-new-tokens or pass --first-turn-only")
     device = next(model.parameters()).device  # sampling draws from a generator on the model's device
     heads, heads_calibration = _heads(model, cfg), None
     if cfg.auto_heads:
@@ -138,9 +153,8 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
     rule = make_rule(cfg.temperature, cfg.top_k, cfg.top_p)
     trees, calibration = _trees(model, heads, cfg, calibration_prompts, progress)
     methods = _methods(model, cfg, rule, heads, trees)
-    started = time.perf_counter()
-    timed = time_methods(methods, _batches(prompts, cfg.batch_size), cfg.rounds, cfg.seed, device, progress)
     greedy = isinstance(rule, Greedy)
+    turn, timed, seconds = _bench_turn(model, methods, prompt_set, cfg, heads, trees, greedy, device, progress)
     report = {
         "model": checkpoint.config.get("model"),
         "checkpoint": str(checkpoint.path),
@@ -149,31 +163,91 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]], cfg: BenchCo
         "device": str(device),
         "device_name": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "compiled": False,
+        "dtype": weights_dtype(model),
+        "dtype_reason": dtype_reason,
+        "compiled": cfg.compile,
         "batch_size": cfg.batch_size,
         "max_new_tokens": cfg.max_new_tokens,
         "num_prompts": len(prompts),
         "prompt_tokens": [len(p) for p in prompts],
+        **prompt_set.report(),
         "temperature": cfg.temperature,
         "top_k": cfg.top_k,
         "top_p": cfg.top_p,
         "rounds": cfg.rounds,
+        "draft_threshold": cfg.draft_threshold,
+        **turn,
+    }
+    for name in trees:
+        report[name]["calibration"] = calibration.report() if calibration and name == "tree" else None
+    second = prompt_set.second_turns(timed.outputs["autoregressive"]) if cfg.second_turns else None
+    if second is not None:
+        _check_fits([len(p) for p in second.prompts], cfg, context, "second-turn prompts",
+                    "lower --max-new-tokens or pass --first-turn-only")
+        labelled = (lambda line: progress(f"second turns, {line}")) if progress else None  # noqa: E731
+        turn, _, turn_seconds = _bench_turn(model, methods, second, cfg, heads, trees, greedy, device, labelled,
+                                            warm_up=False)
+        report["second_turn"] = {"num_prompts": len(second.prompts),
+                                 "prompt_tokens": [len(p) for p in second.prompts], **turn}
+        seconds += turn_seconds
+    report |= {"torch_version": torch.__version__, "seconds": seconds}
+    return report
+
+
+def _check_fits(prompt_lengths: list[int], cfg: BenchConfig, context: int, what: str, remedy: str) -> None:
+    """Every method must generate exactly max_new_tokens after each prompt, so prompt + budget must fit."""
+    longest = max(prompt_lengths, default=0)
+    if longest + cfg.max_new_tokens > context:
+        raise MtpdError(f"{what} of up to {longest} tokens plus --max-new-tokens {cfg.max_new_tokens} exceed the "
+                        f"model's context of {context} tokens: {remedy}")
+
+
+def _bench_turn(model, methods: dict, prompt_set: PromptSet, cfg: BenchConfig, heads: int, trees: dict, greedy: bool,
+                device: torch.device, progress: Callable[[str], None] | None,
+                warm_up: bool = True) -> tuple[dict, Timed, float]:
+    """Time every method on one set of prompts; returns their speed and acceptance fields (baselines, the
+    chain's at top level, each tree's, the peers', and per category when the prompts have categories), the
+    timings, and the seconds the timed rounds took."""
+    batches, categories = _batches(prompt_set.prompts, cfg.batch_size, prompt_set.categories)
+    started = time.perf_counter()
+    timed = time_methods(methods, batches, cfg.rounds, cfg.seed, device, progress, warm_up, count_graphs=cfg.compile)
+    seconds = time.perf_counter() - started  # the divergence passes below are not part of the benchmark
+    gap = divergence_gap(model.main, prompt_set.prompts, timed.outputs["autoregressive"]) if greedy else None
+    report = {
         "baseline_tokens_per_s": timed.rate["autoregressive"],
         "no_cache_tokens_per_s": timed.rate.get("autoregressive_no_cache"),
         "baseline_tokens_per_cpu_s": timed.cpu_rate["autoregressive"],
-        "draft_threshold": cfg.draft_threshold,
-        **speculative_metrics(timed, "speculative", heads, greedy),
-        "peers": _peer_report(timed.rate, timed.outputs, rule, cfg.batch_size),
+        **speculative_metrics(timed, "speculative", heads, gap),
+        "peers": _peer_report(timed.rate, timed.outputs, gap, cfg.batch_size),
+        **compile_report(timed, cfg.compile),
     }
     for name, tree in trees.items():
-        report[name] = {**speculative_metrics(timed, name, heads, greedy), "drafter": tree.describe(),
-                        "calibration": calibration.report() if calibration and name == "tree" else None}
+        report[name] = {**speculative_metrics(timed, name, heads, gap), "drafter": tree.describe()}
     if "tree" in trees:
         report["tree_vs_chain"] = {
             "mean_accepted_tokens": report["tree"]["mean_accepted_tokens"] / report["mean_accepted_tokens"],
             "speedup": report["tree"]["speedup"] / report["speedup"]}
-    report |= {"torch_version": torch.__version__, "seconds": time.perf_counter() - started}
+    if prompt_set.categories is not None:
+        report["per_category"] = per_category(timed, categories, "speculative", heads)
+        for name in trees:
+            report[name]["per_category"] = per_category(timed, categories, name, heads)
+    return report, timed, seconds
+
+
+CATEGORY_FIELDS = ("spec_tokens_per_s", "speedup", "cpu_speedup", "mean_accepted_tokens", "acceptance_rate",
+                   "cumulative_acceptance", "verification_steps")
+
+
+def per_category(timed: Timed, batch_categories: list[str | None], name: str, heads: int) -> dict[str, dict]:
+    """Speed and acceptance of one speculative method on each category's batches: tokens/s over the AR
+    baseline's on the same batches of the same interleaved rounds, as the overall speedup is measured."""
+    report = {}
+    for category in dict.fromkeys(batch_categories):
+        part = timed.subset([i for i, label in enumerate(batch_categories) if label == category])
+        metrics = speculative_metrics(part, name, heads, gap=None)  # rows here are not the gap's rows
+        report[category] = {"num_prompts": sum(len(result.tokens) for result in part.results[name]),
+                            "baseline_tokens_per_s": part.rate["autoregressive"],
+                            **{field: metrics[field] for field in CATEGORY_FIELDS}}
     return report
 
 
@@ -181,68 +255,125 @@ def _methods(model, cfg: BenchConfig, rule, heads: int,
              trees: dict) -> dict[str, Callable[[list[list[int]], torch.Generator], Generation]]:
     """Every way of decoding the bench compares, by report name: KV-cached AR (the baseline), the chain,
     the trees, no-cache AR, and a Hugging Face model's own methods."""
-    def speculative(tree):
-        threshold = cfg.draft_threshold if tree is None else 0.0  # dynamic draft length is the chain's
+    def speculative(drafter):
         return lambda batch, generator: speculative_generate(model, batch, cfg.max_new_tokens, rule, heads,
-                                                             generator=generator, tree=tree,
-                                                             draft_threshold=threshold)
+                                                             generator=generator, drafter=drafter, compile=cfg.compile)
 
     methods = {"autoregressive": lambda batch, generator: autoregressive_generate(
-                   model.main, batch, cfg.max_new_tokens, rule, generator=generator),
-               "speculative": speculative(None)}
+                   model.main, batch, cfg.max_new_tokens, rule, generator=generator, compile=cfg.compile),
+               "speculative": speculative(ChainDrafter(cfg.draft_threshold))}
     methods |= {name: speculative(tree) for name, tree in trees.items()}
     if cfg.no_cache_baseline:
         methods["autoregressive_no_cache"] = lambda batch, generator: autoregressive_generate(
-            model.main, batch, cfg.max_new_tokens, rule, use_cache=False, generator=generator)
-    if isinstance(model.main, HFBackbone):  # what users of a Hugging Face model would run instead
-        methods |= hf_peer_methods(model.main.model, cfg.max_new_tokens, rule)
+            model.main, batch, cfg.max_new_tokens, rule, use_cache=False, generator=generator, compile=cfg.compile)
+    if model.main.source is not None:  # an imported model: what its users would run instead
+        methods |= hf_peer_methods(transformers_peer(model.main), cfg.max_new_tokens, rule)
     return methods
+
+
+def transformers_peer(main):
+    """transformers' own model of an imported main model, in the same dtype and device: the adapter's, or
+    loaded anew when mtpd's decoder computes the model itself."""
+    if isinstance(main, HFBackbone):
+        return main.model
+    weight = main.embed.weight
+    return cast_for_decoding(load_transformers_model(main.source, torch.float32).to(weight.device), weight.dtype)
 
 
 @dataclass
 class Timed:
-    """What the timed rounds measured, per method."""
+    """What the timed rounds measured, per method and per batch: tokens and seconds summed over the rounds,
+    and round 0's generation. Rates over any subset of the batches (one category's) come from the same
+    interleaved rounds as the overall ones (`subset`)."""
 
-    rate: dict[str, float]  # generated tokens per second of wall time
-    cpu_rate: dict[str, float | None]  # per second of this process's CPU time
-    outputs: dict[str, list[list[int]]]  # round 0's tokens
-    records: dict[str, Generation]  # round 0's per-step records (speculative methods)
+    tokens: dict[str, list[int]]  # generated tokens of each batch, all rounds
+    seconds: dict[str, list[float]]  # wall time of each batch, all rounds
+    cpu_seconds: dict[str, list[float]]  # this process's CPU time of each batch, all rounds
+    results: dict[str, list[Generation]]  # round 0's generation of each batch
+    warm_up_seconds: dict[str, float] = field(default_factory=dict)  # each method's warm-up calls, not timed
+    graphs: dict[str, int] | None = None  # graphs torch.compile compiled in each method's warm-up (when counted)
+    graphs_while_timed: int | None = None  # ... and during the timed rounds: 0 when they timed compiled code only
+
+    def subset(self, batches: list[int]) -> "Timed":
+        """What the rounds measured on these batches only."""
+        pick = lambda per_batch: {name: [values[i] for i in batches] for name, values in per_batch.items()}  # noqa: E731
+        return Timed(pick(self.tokens), pick(self.seconds), pick(self.cpu_seconds), pick(self.results))
+
+    @property
+    def rate(self) -> dict[str, float]:
+        """Generated tokens per second of wall time."""
+        return {name: sum(self.tokens[name]) / sum(self.seconds[name]) for name in self.tokens}
+
+    @property
+    def cpu_rate(self) -> dict[str, float | None]:
+        """Generated tokens per second of this process's CPU time."""
+        return {name: sum(self.tokens[name]) / sum(cpu) if sum(cpu) else None for name, cpu in self.cpu_seconds.items()}
+
+    @property
+    def outputs(self) -> dict[str, list[list[int]]]:
+        """Round 0's tokens, one row per prompt, in the batches' order."""
+        return {name: [row for result in results for row in result.tokens] for name, results in self.results.items()}
+
+    @property
+    def records(self) -> dict[str, Generation]:
+        """Round 0's per-step records (speculative methods), all batches together."""
+        return {name: Generation([], accepted=[a for r in results for a in r.accepted],
+                                 drafted=[d for r in results for d in r.drafted],
+                                 verified=[v for r in results for v in r.verified])
+                for name, results in self.results.items()}
 
 
 def time_methods(methods: dict, batches: list[list[list[int]]], rounds: int, seed: int, device: torch.device,
-                 progress: Callable[[str], None] | None = None) -> Timed:
-    """One warm-up call of every method, then `rounds` interleaved rounds over all batches; round r samples
-    with seed + r for every method alike."""
-    for generate in methods.values():  # warm-up: first-call allocations, lazy init
-        generate(batches[0], torch.Generator(device).manual_seed(seed))
+                 progress: Callable[[str], None] | None = None, warm_up: bool = True,
+                 count_graphs: bool = False) -> Timed:
+    """A warm-up call of every method on the first batch of each batch size (unless `warm_up` is False: they
+    ran already), then `rounds` interleaved rounds over all batches; round r samples with seed + r for every
+    method alike. Warm-up covers each batch size because compiled code compiles anew for a batch of one
+    (decode/passes.py); `count_graphs` counts the graphs compiled in each method's warm-up and in the rounds."""
     clock = wall_clock(device)
-    seconds, cpu_seconds = dict.fromkeys(methods, 0.0), dict.fromkeys(methods, 0.0)
-    tokens = dict.fromkeys(methods, 0)
-    outputs: dict[str, list[list[int]]] = {name: [] for name in methods}
-    records = {name: Generation([]) for name in methods}
+    first_of_size = [batch for i, batch in enumerate(batches) if all(len(b) != len(batch) for b in batches[:i])]
+    warm_up_seconds, graphs = {}, {} if count_graphs else None
+    for name, generate in methods.items() if warm_up else ():  # first-call allocations, lazy init, compilation
+        before, t0 = graphs_compiled() if count_graphs else 0, clock()
+        for batch in first_of_size:
+            generate(batch, torch.Generator(device).manual_seed(seed))
+        warm_up_seconds[name] = clock() - t0
+        if count_graphs:
+            graphs[name] = graphs_compiled() - before
+    before_rounds = graphs_compiled() if count_graphs else 0
+    seconds = {name: [0.0] * len(batches) for name in methods}
+    cpu_seconds = {name: [0.0] * len(batches) for name in methods}
+    tokens = {name: [0] * len(batches) for name in methods}
+    results: dict[str, list[Generation]] = {name: [] for name in methods}
     for round_index in range(rounds):
         for name, generate in methods.items():
             generator = torch.Generator(device).manual_seed(seed + round_index)
-            for batch in batches:
+            for index, batch in enumerate(batches):
                 t0, c0 = clock(), time.process_time()
                 result = generate(batch, generator)
-                seconds[name] += clock() - t0
-                cpu_seconds[name] += time.process_time() - c0
-                tokens[name] += result.num_tokens
+                seconds[name][index] += clock() - t0
+                cpu_seconds[name][index] += time.process_time() - c0
+                tokens[name][index] += result.num_tokens
                 if round_index == 0:
-                    outputs[name] += result.tokens
-                    records[name].accepted += result.accepted
-                    records[name].drafted += result.drafted
-                    records[name].verified += result.verified
+                    results[name].append(result)
             if progress:
-                progress(f"round {round_index + 1}/{rounds}: {name} {tokens[name] / seconds[name]:.1f} tok/s")
-    return Timed({name: tokens[name] / seconds[name] for name in methods},
-                 {name: tokens[name] / cpu_seconds[name] if cpu_seconds[name] else None for name in methods},
-                 outputs, records)
+                progress(f"round {round_index + 1}/{rounds}: {name} {sum(tokens[name]) / sum(seconds[name]):.1f} tok/s")
+    return Timed(tokens, seconds, cpu_seconds, results, warm_up_seconds, graphs,
+                 graphs_compiled() - before_rounds if count_graphs else None)
 
 
-def speculative_metrics(timed: Timed, name: str, heads: int, greedy: bool) -> dict:
-    """DESIGN §5-6 metrics of one speculative method, against the KV-cached AR baseline of the same rounds."""
+def compile_report(timed: Timed, compiled: bool) -> dict:
+    """docs/design.md §6's compilation fields: each method's warm-up seconds (where it compiled) and graphs,
+    and the graphs compiled while timed (0: the rounds timed compiled code only); null when not compiled."""
+    if not compiled:
+        return dict.fromkeys(("compile_seconds", "compiled_graphs", "graphs_compiled_while_timed"))
+    return {"compile_seconds": timed.warm_up_seconds or None, "compiled_graphs": timed.graphs or None,
+            "graphs_compiled_while_timed": timed.graphs_while_timed}
+
+
+def speculative_metrics(timed: Timed, name: str, heads: int, gap: Callable[[int, int], float] | None) -> dict:
+    """docs/design.md §5-6 metrics of one speculative method, against the KV-cached AR baseline of the same rounds;
+    `gap` (greedy only, None when sampling): see `baseline_agreement`."""
     record, rate, cpu_rate = timed.records[name], timed.rate, timed.cpu_rate
     accepted, drafted, verified = record.accepted, record.drafted, record.verified
     tau = mean_accepted_tokens(accepted)
@@ -262,8 +393,44 @@ def speculative_metrics(timed: Timed, name: str, heads: int, greedy: bool) -> di
         "acceptance_rate": acceptance_rates(accepted, heads, drafted),
         "cumulative_acceptance": cumulative_acceptance(accepted, heads),
         "verification_steps": len(accepted),
-        "identical_to_baseline": timed.outputs[name] == timed.outputs["autoregressive"] if greedy else None,
+        **baseline_agreement(timed.outputs[name], timed.outputs["autoregressive"], gap),
     }
+
+
+def baseline_agreement(outputs: list[list[int]], reference: list[list[int]],
+                       gap: Callable[[int, int], float] | None) -> dict:
+    """How a greedy method's rows compare with the KV-cached AR baseline's (`reference`): whether all are
+    identical, the fraction that is, and for each row that differs the index of its first differing token
+    and `gap(row, index)`, the main model's top-2 logit gap there (`divergence_gap`). In fp32 any divergence
+    is a bug; in bf16 a k-token verification and a 1-token pass round differently, so rows may part where
+    the top two logits nearly tie, and the gaps say how near. All None when sampling (`gap` None)."""
+    if gap is None:
+        return dict.fromkeys(("identical_to_baseline", "identical_fraction", "divergences", "max_divergence_gap"))
+    divergences = []
+    for row, (output, expected) in enumerate(zip(outputs, reference, strict=True)):
+        index = first_divergence(output, expected)
+        if index is not None:
+            divergences.append({"row": row, "index": index, "top2_gap": gap(row, index)})
+    return {"identical_to_baseline": not divergences,
+            "identical_fraction": 1 - len(divergences) / len(reference) if reference else 1.0,
+            "divergences": divergences,
+            "max_divergence_gap": max((d["top2_gap"] for d in divergences), default=None)}
+
+
+def divergence_gap(main, prompts: list[list[int]], reference: list[list[int]]) -> Callable[[int, int], float]:
+    """gap(row, index): the main model's top-2 logit gap before token `index` of the reference row (prompt +
+    reference[row][:index], teacher-forced, `top2_gap`); computed once per place, however many methods part
+    from the reference there."""
+    return functools.cache(lambda row, index: top2_gap(main, prompts[row], reference[row][:index]))
+
+
+@torch.no_grad()
+def top2_gap(main, prompt: list[int], tokens: list[int]) -> float:
+    """The main model's top logit minus its second for the token after prompt + tokens: one teacher-forced
+    pass (no cache) in the model's dtype, the logits compared in fp32."""
+    sequence = torch.tensor([prompt + tokens], device=next(main.parameters()).device)
+    top = main.logits(main(sequence)[:, -1]).float().topk(2, dim=-1).values[0]
+    return float(top[0] - top[1])
 
 
 def _heads(model, cfg: BenchConfig) -> int:
@@ -313,17 +480,36 @@ def dynamic_like(shape: TreeShape) -> DynamicTree:
     return DynamicTree(shape.depth, width=2, children=children, nodes=shape.num_nodes)
 
 
-def _peer_report(rate: dict, outputs: dict, rule, batch_size: int) -> dict:
-    """Hugging Face's own decoders beside ours (only for heads on a Hugging Face model)."""
+def _peer_report(rate: dict, outputs: dict, gap: Callable[[int, int], float] | None, batch_size: int) -> dict:
+    """Hugging Face's own decoders beside ours (only for heads on a Hugging Face model); `gap` None when
+    sampling (`baseline_agreement`)."""
     peers = {}
     for name, batch in (("hf_generate", batch_size), ("hf_prompt_lookup", 1)):
         if name in rate:
             peers[name] = {"tokens_per_s": rate[name], "batch_size": batch,
                            "spec_speedup_over_it": rate["speculative"] / rate[name],
-                           "identical_to_spec": outputs[name] == outputs["speculative"] if isinstance(rule, Greedy) else None}
+                           "identical_to_spec": outputs[name] == outputs["speculative"] if gap is not None else None,
+                           **baseline_agreement(outputs[name], outputs["autoregressive"], gap)}
     if "hf_prompt_lookup" in peers:
         peers["hf_prompt_lookup"]["prompt_lookup_num_tokens"] = PROMPT_LOOKUP_TOKENS
     return peers
+
+
+def agreement_lines(methods: list[tuple[str, dict]], rows: int, dtype: str) -> list[str]:
+    """The table's verdict on greedy losslessness (`baseline_agreement` fields of each labelled method): one
+    line when every row of every method equals the AR baseline's, else one per method."""
+    if all(m["identical_to_baseline"] for _, m in methods):
+        return [f"greedy output identical to autoregressive: yes, {rows}/{rows} rows"]
+    why = ("bf16 rounding at near-ties" if dtype == "bfloat16" else
+           f"{dtype} should be identical: please report this")
+    lines = []
+    for label, m in methods:
+        same = round(m["identical_fraction"] * rows)
+        line = f"greedy output identical to autoregressive ({label}): {'yes, ' if same == rows else ''}{same}/{rows} rows"
+        if m["divergences"]:
+            line += f"; first divergences at top-2 logit gaps <= {m['max_divergence_gap']:.3g} ({why})"
+        lines.append(line)
+    return lines
 
 
 def bench_table(report: dict) -> str:
@@ -354,6 +540,8 @@ def bench_table(report: dict) -> str:
              f"mean accepted tokens per verification (tau): {report['mean_accepted_tokens']:.3f}   "
              f"efficiency (speedup / tau): {report['efficiency']:.3f}   "
              f"mean draft length: {report['mean_draft_length']:.2f}"]
+    if report["compiled"]:
+        lines.append(compile_line(report))
     if report.get("heads_calibration"):
         choice = report["heads_calibration"]
         lines.append(f"--heads auto: {heads} heads (expected tau {choice['expected_mean_accepted_tokens']:.2f}, "
@@ -371,9 +559,35 @@ def bench_table(report: dict) -> str:
         lines.append(f"tree vs chain: {ratio['mean_accepted_tokens']:.2f}x mean accepted tokens, "
                      f"{ratio['speedup']:.2f}x speedup")
     if identical is not None:
-        same = all(m["identical_to_baseline"] for _, m in methods)
-        lines.append(f"greedy output identical to autoregressive: {'yes' if same else 'NO'}")
+        peers = [(labels[name], peer) for name, peer in report.get("peers", {}).items()]
+        lines += agreement_lines(methods + peers, report["num_prompts"], report["dtype"])
     for name, peer in report.get("peers", {}).items():
         same = "" if peer["identical_to_spec"] is None else f"; greedy output identical: {'yes' if peer['identical_to_spec'] else 'NO'}"
         lines.append(f"speculative vs {name}: {peer['spec_speedup_over_it']:.2f}x{same}")
-    return "\n".join(lines)
+    return "\n".join(lines + turn_lines(report))
+
+
+def compile_line(report: dict) -> str:
+    """The table's note on compilation: time and graphs of the warm-up, and whether the rounds compiled more."""
+    seconds, graphs = report["compile_seconds"] or {}, report["compiled_graphs"] or {}
+    return (f"compiled: warm-up (compilation) {sum(seconds.values()):.1f}s, {sum(graphs.values())} graphs "
+            f"(" + ", ".join(f"{name} {seconds[name]:.1f}s" for name in seconds) + "); compiled while timed: "
+            f"{report['graphs_compiled_while_timed']} graphs")
+
+
+def turn_lines(report: dict) -> list[str]:
+    """The table's part for a question file: how its prompts were made, and the chain's tau and speedup per
+    category, for the first turns and, when they ran, the second turns."""
+    lines = [f"prompts: {report['prompt_note']}"] if report.get("prompt_note") else []
+    turns = [("first turns", report)] + ([("second turns", report["second_turn"])] if "second_turn" in report else [])
+    for label, turn in turns:
+        if "per_category" not in turn:
+            continue
+        rows = [(category, m["num_prompts"], m["mean_accepted_tokens"], m["speedup"])
+                for category, m in turn["per_category"].items()]
+        rows.append(("all", turn["num_prompts"], turn["mean_accepted_tokens"], turn["speedup"]))
+        identical = turn["identical_to_baseline"]
+        same = "" if identical is None else f"; greedy output identical to autoregressive: {'yes' if identical else 'NO'}"
+        lines += ["", f"{label} ({report['prompt_format']}), chain, by category{same}",
+                  format_table(["category", "prompts", "tau", "speedup"], rows)]
+    return lines

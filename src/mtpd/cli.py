@@ -7,12 +7,14 @@ and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import os
 import sys
 from pathlib import Path
 
 from mtpd.atomic import write_json
-from mtpd.config import DRAFT_THRESHOLD, PRESETS, LossConfig, preset
+from mtpd.config import DRAFT_THRESHOLD, HEAD_INIT_ON_PRETRAINED, PRESETS, LossConfig, preset
 from mtpd.errors import MtpdError
 
 EPILOG_TRAIN = """examples:
@@ -40,6 +42,13 @@ EPILOG_EXPERIMENT = """examples:
 """
 
 
+EPILOG_DISTILL = """examples:
+  mtpd distill-data --hf smollm2 --out data/smollm2-chat.jsonl --time-budget 1200     # 20 minutes of it
+  mtpd distill-data --hf smollm2 --out data/smollm2-chat.jsonl --samples 2000 --resume
+  mtpd train --hf smollm2 --heads 4 --data data/smollm2-chat.jsonl --time-budget 3600 --out runs/smollm2-chat
+"""
+
+
 FSDP_HELP = ("under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2) instead of "
              "replicating the model on each (DDP, the default)")
 
@@ -58,6 +67,19 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--kv-heads", type=int, help="key/value heads (< --attn-heads: grouped-query attention)")
     m.add_argument("--ffn-dim", type=int, help="SwiGLU hidden size")
     m.add_argument("--max-seq-len", type=int, help="context length (with --hf: a cap on the model's, default 4096)")
+    m.add_argument("--draft-vocab", type=int, metavar="N",
+                   help="the heads score only the N most frequent tokens of the training data (decoding stays "
+                        "lossless; the id map is saved with the heads). Default: 8192 for vocabularies above 16,384 "
+                        "tokens, else the full vocabulary. On SmolLM2 (49,152 tokens) the top 8,192 stdlib tokens "
+                        "cover 97.9%% of held-out stdlib tokens and 83%% of English license text, and a bf16 head "
+                        "output layer + softmax over them costs 1.4 ms instead of 8.8 (16,384: 99.8%%, 94%%, 3.0 ms)")
+    m.add_argument("--independent-heads", action="store_true",
+                   help="the baseline: independent (parallel, Meta-style) heads, each reading only the main model's "
+                        "hidden state, instead of the cascaded MTP-D heads (the default; docs/design.md §1.2)")
+    m.add_argument("--head-init", choices=["random", "last-block"],
+                   help="how heads on a pretrained model (--hf) start: last-block copies the main model's last block "
+                        f"into every head; random as in joint pretraining (the only choice without --hf). Default "
+                        f"with --hf: {HEAD_INIT_ON_PRETRAINED} (README, Head-only training)")
 
     d = p.add_argument_group("data")
     d.add_argument("--data", help="text file, directory (recursive) or .jsonl with a 'text' field "
@@ -77,10 +99,16 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of matrices (default: 0.1)")
     o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default: 1.0)")
     o.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+                   help="auto: bf16 autocast on CUDA, and with --hf also on a CPU that computes bf16 natively (the "
+                        "frozen model is then held in bf16, the heads keep fp32 weights); else fp32")
+    o.add_argument("--teacher-cache", action=argparse.BooleanOptionalAction,
+                   help="with --hf (the default there): keep the frozen model's hidden states of every training "
+                        "window on disk ($MTPD_CACHE, else ~/.cache/mtpd; SmolLM2 in bf16: 1.2 GB per million "
+                        "tokens) and read them when a window comes again (a later epoch, another run on the same "
+                        "data), which then skips the model, about half of a step")
     o.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order (default: 0)")
 
-    l = p.add_argument_group("MTP-D objective (DESIGN §2)")
+    l = p.add_argument_group("MTP-D objective (docs/design.md §2)")
     l.add_argument("--beta", type=float, help="KL weight per head (default: the paper's, 1.0 with one head and 0.5 "
                                               "with more; 0 = plain MTP; on small models 0.05-0.1 kept most of the "
                                               "acceptance gain at no or ~1%% main-head loss, see README)")
@@ -97,7 +125,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--out", help="run directory (default: runs/<preset>-k<heads>)")
     r.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint, with its saved configuration; only "
-                        "budget flags given now replace the saved budget (a fresh run if --out has no checkpoint)")
+                        "budget flags given now replace the saved budget, and other settings flags must match the "
+                        "run's (a fresh run if --out has no checkpoint)")
     r.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (default: 100)")
     r.add_argument("--eval-windows", type=int, default=32, help="validation sequences per evaluation (default: 32)")
     r.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default: 200)")
@@ -119,7 +148,9 @@ def _train_config(args):
                        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                        max_steps=args.max_steps, max_tokens=args.max_tokens, time_budget=args.time_budget,
                        eval_every=args.eval_every, eval_windows=args.eval_windows, save_every=args.save_every,
-                       keep_checkpoints=args.keep_checkpoints, seed=args.seed, dtype=args.dtype).validate()
+                       keep_checkpoints=args.keep_checkpoints, seed=args.seed, dtype=args.dtype,
+                       head_init=args.head_init or (HEAD_INIT_ON_PRETRAINED if args.hf else "random"),
+                       teacher_cache=bool(args.hf) if args.teacher_cache is None else args.teacher_cache).validate()
 
 
 def cmd_train(args) -> int:
@@ -129,24 +160,82 @@ def cmd_train(args) -> int:
         raise MtpdError(f"--heads must be >= 1 (got {args.heads})")
     if args.hf:
         _check_no_shape_flags(args)
+    elif args.head_init not in (None, "random") or args.teacher_cache:
+        raise MtpdError(f"{'--teacher-cache' if args.teacher_cache else '--head-init ' + args.head_init} applies to "
+                        f"heads on a frozen pretrained model: add --hf MODEL, or drop it for joint pretraining")
     else:
         model_cfg = preset(args.preset, mtp_heads=args.heads, vocab_size=args.vocab_size, d_model=args.d_model,
                            n_layers=args.n_layers, n_heads=args.attn_heads, n_kv_heads=args.kv_heads,
-                           ffn_dim=args.ffn_dim, max_seq_len=args.max_seq_len)
+                           ffn_dim=args.ffn_dim, max_seq_len=args.max_seq_len,
+                           independent_heads=args.independent_heads or None)
+        model_cfg = dataclasses.replace(model_cfg, draft_vocab=_draft_vocab(args, model_cfg.vocab_size))
+    if args.draft_vocab is not None and args.draft_vocab < 1:  # with --hf the vocabulary is known once it loads
+        raise MtpdError(f"--draft-vocab must be >= 1 (got {args.draft_vocab}): the heads score the N most frequent "
+                        f"tokens")
     train_cfg, loss_cfg = _train_config(args), _loss_config(args)  # every flag is checked before any work
     if not args.resume and not any(v is not None for v in train_cfg.budget.values()):
         raise MtpdError("no training budget: pass --max-steps N, --max-tokens N or --time-budget SECONDS")
+    out = args.out or (f"runs/hf-{Path(args.hf).resolve().name}-k{args.heads}" if args.hf else
+                       f"runs/{args.preset}-k{args.heads}")
+    if args.resume:
+        def asked(saved: dict) -> dict:
+            from mtpd.checkpoint import is_head_only
+
+            model = {"mtp_heads": args.heads} if args.hf or is_head_only(saved) else dataclasses.asdict(model_cfg)
+            model["independent_heads"] = args.independent_heads
+            model["draft_vocab"] = _draft_vocab(args, saved["model"]["vocab_size"])  # the run's vocabulary
+            settings = {**model, **dataclasses.asdict(loss_cfg), **dataclasses.asdict(train_cfg)}
+            return {k: v for k, v in settings.items() if k not in {*train_cfg.budget, *NOT_SET_BY_FLAGS}}
+
+        _refuse_settings_on_resume(args, Path(out), asked)
     if args.hf:
-        out = args.out or f"runs/hf-{Path(args.hf).resolve().name}-k{args.heads}"
         metrics, path = train_heads(args.hf, args.heads, train_cfg, loss_cfg, out, args.data, resume=args.resume,
                                     device=args.device, max_seq_len=args.max_seq_len, show_progress=not args.quiet,
-                                    fsdp=args.fsdp)
+                                    fsdp=args.fsdp, draft_vocab=args.draft_vocab,
+                                    independent_heads=args.independent_heads)
     else:
-        out = args.out or f"runs/{args.preset}-k{args.heads}"
         metrics, path = pretrain(model_cfg, train_cfg, loss_cfg, out, args.data, args.tokenizer, resume=args.resume,
                                  device=args.device, show_progress=not args.quiet, fsdp=args.fsdp)
     _print_training_result(metrics, path)
     return 0
+
+
+# Flags that keep their meaning with --resume: where things are now, how to run, and the budget (which extends
+# the run). Any other flag given must describe the saved run, or it is refused (_refuse_settings_on_resume).
+RESUME_FLAGS = frozenset({"out", "resume", "ckpt", "to", "data", "hf", "device", "quiet", "fsdp",
+                          "max_steps", "max_tokens", "time_budget"})
+# Saved settings that no flag sets: the kind of run decides them (frozen parts), or the tokenizer (vocab_size).
+def _draft_vocab(args, vocab_size: int) -> int:
+    """ModelConfig.draft_vocab for --draft-vocab and this vocabulary (0: the full one)."""
+    from mtpd.model.draft_vocab import resolve_draft_vocab
+
+    return resolve_draft_vocab(args.draft_vocab, vocab_size)
+
+
+NOT_SET_BY_FLAGS = frozenset({"freeze_main", "frozen_heads", "main_weight", "vocab_size"})
+
+
+def _refuse_settings_on_resume(args, out: Path, asked) -> None:
+    """A resumed run keeps its saved settings, so a settings flag given with --resume would be ignored: refuse
+    it, unless the settings this command asks for, `asked(saved config)` (defaults included), are the saved
+    ones, as with the same command plus --resume (what the interrupt message suggests)."""
+    from mtpd.checkpoint import list_checkpoints, read_config
+
+    flags = sorted(args.flags_given - RESUME_FLAGS)
+    checkpoints = list_checkpoints(out)
+    if not flags or not checkpoints:  # nothing to check, or a new run starts in --out with these flags
+        return
+    config = read_config(checkpoints[-1][1])
+    saved = {**config.get("model", {}), **config.get("loss", {}), **config.get("train", {})}
+    differ = [f"{name} {value}, saved {saved.get(name)}" for name, value in asked(config).items()
+              if value != saved.get(name)]
+    if differ:
+        given = " ".join(f"--{dest.replace('_', '-')}" + ("" if isinstance(getattr(args, dest), bool) else
+                                                          f" {getattr(args, dest)}") for dest in flags)
+        raise MtpdError(f"{given} {'does' if len(flags) == 1 else 'do'} not apply with --resume: a resumed run keeps "
+                        f"its saved settings, and this command (defaults included) asks for others "
+                        f"({'; '.join(differ)}); only budget flags (--max-steps, --max-tokens, --time-budget) extend "
+                        f"a run: drop the others, or start a new run with another --out to change them")
 
 
 def _check_no_shape_flags(args) -> None:
@@ -171,8 +260,10 @@ def cmd_eval(args) -> int:
     from mtpd.run import evaluate_checkpoint
 
     _check_json_path(args.json)
-    metrics, _ = evaluate_checkpoint(args.ckpt, args.data, args.seq_len, args.windows, args.device, args.hf)
-    print(f"{metrics['checkpoint']}  on {metrics['data']} validation ({metrics['val_tokens']:,} tokens)")
+    metrics, _ = evaluate_checkpoint(args.ckpt, args.data, args.seq_len, args.windows, args.device, args.hf,
+                                     args.dtype)
+    print(f"{metrics['checkpoint']}  on {metrics['data']} validation ({metrics['val_tokens']:,} tokens), "
+          f"{metrics['dtype']} ({metrics['dtype_reason']})")
     print(eval_table(metrics))
     if args.json:
         _write_json(args.json, metrics)
@@ -180,11 +271,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_extend(args) -> int:
-    from mtpd.run import extend
+    from mtpd.run import extend, fraction_budget
 
     if args.to < 2:
         raise MtpdError(f"--to must be >= 2 (got {args.to})")
     budget = {"max_steps": args.max_steps, "max_tokens": args.max_tokens, "time_budget": args.time_budget}
+    if args.resume and not any(v is not None for v in budget.values()):  # else --fraction means nothing anyway
+        _refuse_settings_on_resume(args, Path(args.out), lambda saved: fraction_budget(saved.get("history"),
+                                                                                       args.fraction) or budget)
     metrics, path = extend(args.ckpt, args.to, args.out, budget, args.fraction, args.data, args.resume, args.device,
                            show_progress=not args.quiet, fsdp=args.fsdp)
     _print_training_result(metrics, path)
@@ -192,17 +286,21 @@ def cmd_extend(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from mtpd.checkpoint import load_checkpoint
-    from mtpd.run import generate_text, resolve_device
+    from mtpd.run import generate_text, load_for_decoding
 
-    checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device), args.hf)
+    checkpoint, _ = load_for_decoding(args.ckpt, args.device, args.hf, args.dtype)
     emit = lambda text: print(text, end="", flush=True)  # noqa: E731
     stats = generate_text(checkpoint, args.prompt, args.max_new_tokens, args.heads, not args.no_spec,
                           args.temperature, args.top_k, args.top_p, args.seed, args.draft_threshold,
-                          args.tree_shape, emit)
+                          args.tree_shape, emit, chat=args.chat, compile=args.compile)
     tau = f", {stats['mean_accepted_tokens']:.2f} tokens per main-model pass" if "mean_accepted_tokens" in stats else ""
-    print(f"\n[{stats['new_tokens']} tokens in {stats['seconds']:.2f}s: {stats['tokens_per_s']:.1f} tokens/s{tau}]",
-          file=sys.stderr)
+    compiled = ""
+    if args.compile:
+        more = stats["graphs_compiled_while_timed"]
+        compiled = (f"; compiled: warm-up {stats['compile_seconds']:.1f}s, {stats['compiled_graphs']} graphs"
+                    + (f", {more} more while decoding" if more else ""))
+    print(f"\n[{stats['new_tokens']} tokens in {stats['seconds']:.2f}s: {stats['tokens_per_s']:.1f} tokens/s{tau}; "
+          f"{stats['dtype']}{compiled}]", file=sys.stderr)
     return 0
 
 
@@ -217,8 +315,7 @@ def _heads_or_auto(value: str) -> int | str:
 
 def cmd_bench(args) -> int:
     from mtpd.bench import BenchConfig, bench_table, check_tree, run_benchmark
-    from mtpd.checkpoint import load_checkpoint
-    from mtpd.run import benchmark_prompts, resolve_device
+    from mtpd.run import benchmark_prompts, load_for_decoding
 
     auto_heads = args.heads == "auto"
     cfg = BenchConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -227,15 +324,17 @@ def cmd_bench(args) -> int:
                       no_cache_baseline=not args.skip_no_cache, seed=args.seed,
                       draft_threshold=args.draft_threshold, tree=args.tree or args.tree_dynamic or args.tree_shape is not None,
                       tree_shape=args.tree_shape, tree_nodes=args.tree_nodes,
-                      tree_dynamic=args.tree_dynamic).validate()
+                      tree_dynamic=args.tree_dynamic, second_turns=not args.first_turn_only,
+                      compile=args.compile).validate()
     _check_json_path(args.json)
-    checkpoint = load_checkpoint(args.ckpt, resolve_device(args.device), args.hf)
+    checkpoint, dtype_reason = load_for_decoding(args.ckpt, args.device, args.hf, args.dtype)
     check_tree(checkpoint, cfg)  # a backbone without tree attention, a tree deeper than the heads: before any work
-    prompts = benchmark_prompts(checkpoint, args.prompts, args.num_prompts, args.prompt_tokens, data_path=args.data)
+    prompts = benchmark_prompts(checkpoint, args.prompts, args.num_prompts, args.prompt_tokens, data_path=args.data,
+                                chat_template=not args.no_chat_template)
     calibration = (benchmark_prompts(checkpoint, None, cfg.calibration_prompts, args.prompt_tokens, offset=0.5,
-                                     data_path=args.data) if cfg.calibrates else None)
+                                     data_path=args.data).prompts if cfg.calibrates else None)
     report = run_benchmark(checkpoint, prompts, cfg, progress=lambda line: print(line, file=sys.stderr),
-                           calibration_prompts=calibration)
+                           calibration_prompts=calibration, dtype_reason=dtype_reason)
     print(bench_table(report))
     if args.json:
         _write_json(args.json, report)
@@ -243,8 +342,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    import dataclasses
-
     from mtpd.experiment import SCALES, run_suite
     from mtpd.report import write_experiment_report
 
@@ -258,6 +355,21 @@ def cmd_experiment(args) -> int:
     summary = run_suite(args.suite, scale, args.out, args.data, args.device, show_progress=not args.quiet)
     for path in write_experiment_report(summary, args.out):
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_distill_data(args) -> int:
+    from mtpd.distill import DistillConfig, distill_data
+
+    cfg = DistillConfig(samples=args.samples, time_budget=args.time_budget, max_new_tokens=args.max_new_tokens,
+                        question_tokens=args.question_tokens, batch_size=args.batch_size,
+                        temperature=args.temperature, question_temperature=args.question_temperature,
+                        question_top_p=args.question_top_p, seed=args.seed).validate()
+    summary = distill_data(args.hf, args.out, cfg, resume=args.resume, device=args.device, dtype=args.dtype,
+                           show_progress=not args.quiet)
+    rate = f" in {summary['seconds']:.0f}s ({summary['tokens_per_s']:.1f} tokens/s)" if summary["written"] else ""
+    print(f"wrote {summary['written']} conversations to {summary['out']} ({summary['lines']} in all; "
+          f"{summary['tokens']:,} tokens generated{rate})")
     return 0
 
 
@@ -300,6 +412,24 @@ def _add_checkpoint_flags(p, hf: bool = False) -> None:
                                                     "if it moved (default: the path recorded at training)")
 
 
+def _add_decoding_dtype_flag(p) -> None:
+    # The names of precision.DTYPE_NAMES, written out so that parsing flags does not import torch.
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the dtype the model runs in: auto (default) takes bf16 where the device computes it "
+                        "natively (CUDA; a CPU with avx512_bf16 or AMX), else fp32. Greedy speculative output "
+                        "equals autoregressive decoding token for token in fp32, and in bf16 up to near-ties of "
+                        "the main model's top two logits (a k-token verification rounds differently from a "
+                        "1-token pass; `mtpd bench` reports where outputs part)")
+
+
+def _add_compile_flag(p) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="decode with the model's transformer blocks compiled (torch.compile, after a warm-up that "
+                        "compiles them, timed apart; on a CPU it needs a C++ compiler): the autoregressive "
+                        "baseline and speculative decoding alike. Models on mtpd's own decoder only (built-in, "
+                        "and Llama-family models given to --hf); the Hugging Face adapter decodes eagerly")
+
+
 def _add_device_flag(p) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
 
@@ -325,12 +455,42 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line like every other mtpd error (`error: ...: see `mtpd train
+    --help``, exit status 2) instead of the usage block; `--help` is unchanged."""
+
+    def error(self, message: str):
+        raise MtpdError(f"{message}: see `{self.prog} --help`")
+
+
+class CommandParser(Parser):
+    """The parser of one command (`mtpd train`, ...). It reports an unknown flag itself, with the closest
+    one it knows (the top-level parser would only see leftovers), and records the flags given on the
+    command line as `flags_given` (destinations), which --resume needs to tell a flag typed from a default."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._closest_flags(extras)}")
+        # argparse fills in a default only where the namespace holds nothing yet: parsed again into one that
+        # holds None everywhere, only the flags given get values.
+        given, _ = super().parse_known_args(args, argparse.Namespace(**dict.fromkeys(vars(parsed))))
+        parsed.flags_given = frozenset(dest for dest, value in vars(given).items() if value is not None)
+        return parsed, extras
+
+    def _closest_flags(self, extras: list[str]) -> str:
+        known = list(self._option_string_actions)  # argparse keeps no public list of a parser's flags
+        guesses = [match for flag in extras if flag.startswith("--")
+                   for match in difflib.get_close_matches(flag.split("=")[0], known, n=1, cutoff=0.75)]
+        return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mtpd", description="Multi-token prediction heads trained by self-distillation (MTP-D), and lossless "
                                  "self-speculative decoding with them.",
         epilog="Run `mtpd demo` to see the whole method on a tiny model in under ten minutes.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
 
     p = sub.add_parser("train", help="train a model with MTP-D heads from scratch, or heads on a frozen HF model",
                        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -351,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--seq-len", type=int, help="window length (default: the training --seq-len)")
     p.add_argument("--windows", type=int, default=64, help="validation windows (default: 64)")
+    _add_decoding_dtype_flag(p)
     _add_device_flag(p)
     p.set_defaults(func=cmd_eval)
 
@@ -378,10 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt with speculative decoding (streams the text)",
                        description="Continue --prompt with the checkpoint's model. By default the MTP heads draft and "
                                    "the main model verifies, so the text is exactly what the main model alone would "
-                                   "write (greedy: token for token; sampling: the same distribution), only faster. "
-                                   "Statistics go to stderr.")
+                                   "write (greedy: token for token in fp32, up to near-ties in bf16, see --dtype; "
+                                   "sampling: the same distribution), only faster. Statistics go to stderr.")
     _add_checkpoint_flags(p, hf=True)
     p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--chat", action="store_true", help="ask --prompt as one user turn through the model's chat "
+                                                       "template (heads trained with --hf record it) and stop at the "
+                                                       "end of the answer")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
     p.add_argument("--heads", type=int, help="draft with the first K heads only (default: all)")
     p.add_argument("--no-spec", action="store_true", help="plain KV-cached autoregressive decoding (the baseline)")
@@ -390,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "report: tree.drafter.shape); built-in models only")
     _add_draft_flags(p)
     _add_sampling_flags(p)
+    _add_decoding_dtype_flag(p)
+    _add_compile_flag(p)
     _add_device_flag(p)
     p.set_defaults(func=cmd_generate)
 
@@ -398,10 +564,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "baseline), no-cache autoregressive decoding (the paper's setting) and speculative "
                                    "decoding, in one run after warm-up, timed in interleaved rounds. Reports tokens/s, "
                                    "speedups, per-head acceptance and cumulative acceptance, mean accepted tokens, "
-                                   "and whether greedy output was identical.")
+                                   "and whether greedy output was identical (in bf16: the fraction of identical "
+                                   "rows and the main model's top-2 logit gap at each first divergence).")
     _add_checkpoint_flags(p, hf=True)
-    p.add_argument("--prompts", help="text file, one prompt per line (default: slices of the checkpoint's "
-                                     "validation split)")
+    p.add_argument("--prompts", help="text file, one prompt per line, or a Spec-Bench / MT-Bench question file "
+                                     "(.jsonl: question_id, category, turns): its questions through the model's chat "
+                                     "template, both turns where there are two, with figures per category (default: "
+                                     "slices of the checkpoint's validation split)")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="a question file's turns as plain text, not through the chat template")
+    p.add_argument("--first-turn-only", action="store_true",
+                   help="a question file's first turns only (the second turns need the model's own first answers "
+                        "and as much time again)")
     p.add_argument("--data", help="the corpus whose validation split gives the prompts and calibration prompts "
                                   "(default: the one the checkpoint was trained on)")
     p.add_argument("--num-prompts", type=int, default=8, help="validation prompts (default: 8)")
@@ -429,7 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "many nodes as the static tree; implies --tree")
     p.add_argument("--rounds", type=int, default=2, help="timed repetitions of every method (default: 2)")
     p.add_argument("--skip-no-cache", action="store_true", help="leave out the slow no-cache baseline")
-    p.add_argument("--json", help="write the report (DESIGN §6 fields) to this JSON file")
+    p.add_argument("--json", help="write the report (docs/design.md §6 fields) to this JSON file")
+    _add_decoding_dtype_flag(p)
+    _add_compile_flag(p)
     _add_device_flag(p)
     p.set_defaults(func=cmd_bench)
 
@@ -457,6 +633,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_experiment)
 
+    p = sub.add_parser("distill-data", help="training data for heads on a chat model: its own answers to "
+                                            "questions it writes itself",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_DISTILL,
+                       description="Self-distillation data (Magpie-style): the model samples user messages from its "
+                                   "chat template's\nprefix up to the user turn, then answers each through the "
+                                   "template, greedily by default,\nbatched in mtpd's decoder (bf16 where native). "
+                                   "Each JSONL line holds the whole rendered\nconversation in \"text\", what "
+                                   "`mtpd train --hf MODEL --data FILE.jsonl` reads. Nothing is\ndownloaded and no "
+                                   "benchmark question is used.")
+    p.add_argument("--hf", required=True, metavar="MODEL", help="the chat model: a Hugging Face directory, a .gguf "
+                                                                "file or `smollm2` (needs a chat template)")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the JSONL file to write")
+    b = p.add_argument_group("budget (the first one reached stops)")
+    b.add_argument("--samples", type=int, help="conversations the file holds when done (with --resume: in all)")
+    b.add_argument("--time-budget", type=float, help="seconds of generation in this run")
+    p.add_argument("--resume", action="store_true", help="append to an existing --out (an interrupted run keeps every "
+                                                         "conversation it finished)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens of an answer at most (default: 256, as "
+                                                                   "MT-Bench runs)")
+    p.add_argument("--question-tokens", type=int, default=96, help="tokens of a sampled question at most; questions "
+                                                                   "that run longer are dropped (default: 96)")
+    p.add_argument("--batch-size", type=int, default=16, help="conversations decoded together (default: 16)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="of the answers: 0 = greedy (default), the main model's own greedy continuations, which a "
+                        "greedy benchmark's drafts are checked against")
+    p.add_argument("--question-temperature", type=float, default=1.0, help="of the sampled questions (default: 1.0)")
+    p.add_argument("--question-top-p", type=float, default=0.95, help="nucleus of the sampled questions (default: 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    _add_decoding_dtype_flag(p)
+    _add_device_flag(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_distill_data)
+
     p = sub.add_parser("export-hf", help="write a checkpoint's main model as a Hugging Face Llama directory",
                        description="Export the main model of a built-in checkpoint as a LlamaForCausalLM directory "
                                    "(config.json, model.safetensors, tokenizer files) that transformers loads with "
@@ -480,8 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    command = None
     try:
+        args = build_parser().parse_args(argv)
+        command = args.command
         return args.func(args)
     except MtpdError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -492,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
                          "checkpoint nothing was saved: run the command again)",
                 "extend": ": checkpoints are intact; continue with the same command plus --resume",
                 "experiment": ": finished variants are kept; run the same command again to continue",
-                "demo": ": run it again to continue"}.get(args.command, "")
+                "demo": ": run it again to continue"}.get(command, "")
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mtpd.atomic import write_json
+from mtpd.atomic import discarded_on_failure, write_json
 from mtpd.bench import BenchConfig, run_benchmark
 from mtpd.checkpoint import list_checkpoints, load_checkpoint
 from mtpd.clock import wall_clock
@@ -142,12 +142,15 @@ def run_suite(suite: str, scale: Scale, out_dir: str | Path, data_path: str | No
         raise MtpdError(f"preset {scale.preset} has a context of {context} tokens, fewer than the benchmark's "
                         f"{scale.bench_prompt_tokens} prompt + {scale.bench_new_tokens} new tokens: use a larger "
                         f"--preset or --scale quick")
-    _check_same_settings(out_dir, {"scale": dataclasses.asdict(scale), "data": data_path or "stdlib"})
     started = time.perf_counter()
     results = []
-    for index, variant in enumerate(variants, start=1):
-        log(f"[{index}/{len(variants)}] {variant.name}: {variant.description}")
-        results.append(run_variant(variant, scale, out_dir, data_path, device, log, show_progress))
+    # A suite that fails before any variant saved something (a bad corpus, Ctrl-C while tokenizing) leaves
+    # no --out behind: settings.json alone records nothing worth keeping.
+    with discarded_on_failure(out_dir, disposable=("settings.json",)):
+        _check_same_settings(out_dir, {"scale": dataclasses.asdict(scale), "data": data_path or "stdlib"})
+        for index, variant in enumerate(variants, start=1):
+            log(f"[{index}/{len(variants)}] {variant.name}: {variant.description}")
+            results.append(run_variant(variant, scale, out_dir, data_path, device, log, show_progress))
     probe_path = out_dir / "training_cost.json"
     if probe_path.exists():
         cost = json.loads(probe_path.read_text())

@@ -1,4 +1,4 @@
-"""Acceptance metrics (DESIGN §5): one definition, used by training evaluation, decoding and benchmarks."""
+"""Acceptance metrics (docs/design.md §5): one definition, used by training evaluation, decoding and benchmarks."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ from collections.abc import Sequence
 import torch
 
 
-def offline_acceptance(head_logits: torch.Tensor, main_logits: torch.Tensor, k: int) -> tuple[int, int]:
-    """Teacher-forced acceptance of head k: (matches, positions) where head k's top-1 equals the main head's
-    top-1 for the same target token (the main head at position i + k)."""
-    teacher = main_logits[:, k:k + head_logits.shape[1]]
-    matches = (head_logits.argmax(-1) == teacher.argmax(-1)).sum()
-    return int(matches), head_logits.shape[0] * head_logits.shape[1]
+def offline_acceptance(head_top1: torch.Tensor, main_logits: torch.Tensor, k: int) -> tuple[int, int]:
+    """Teacher-forced acceptance of head k: (matches, positions) where head k's top-1 token [B, T-k] (a token
+    id, also with a draft vocabulary) equals the main head's top-1 for the same target token (the main head
+    at position i + k)."""
+    teacher = main_logits[:, k:k + head_top1.shape[1]]
+    matches = (head_top1 == teacher.argmax(-1)).sum()
+    return int(matches), head_top1.shape[0] * head_top1.shape[1]
 
 
 def acceptance_rates(accepted_per_step: Sequence[int], num_drafts: int,
@@ -31,6 +32,15 @@ def cumulative_acceptance(accepted_per_step: Sequence[int], num_drafts: int) -> 
     """CAR_k: fraction of steps that accepted at least k drafts (= AR_1 * ... * AR_k)."""
     n = len(accepted_per_step)
     return [sum(1 for a in accepted_per_step if a >= k) / n if n else 0.0 for k in range(1, num_drafts + 1)]
+
+
+def first_divergence(output: Sequence[int], reference: Sequence[int]) -> int | None:
+    """Index of the first token where `output` departs from `reference` (where the shorter one ends, if one
+    is a prefix of the other); None when they are equal."""
+    for index, (token, expected) in enumerate(zip(output, reference)):
+        if token != expected:
+            return index
+    return None if len(output) == len(reference) else min(len(output), len(reference))
 
 
 def mean_accepted_tokens(accepted_per_step: Sequence[int]) -> float:

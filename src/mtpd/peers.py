@@ -53,9 +53,18 @@ def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, rule=Greed
 
 
 def _generation_config(model, max_new_tokens: int, rule, **options):
+    """The model's generation config with mtpd's budget and decoding rule.
+
+    `generate` fills every field left None from `model.generation_config` (transformers 5: a None means "not
+    set"), so None cannot switch anything off: a model's EOS came back that way, and SmolLM2 stopped after
+    2 tokens on a prompt whose greedy continuation is "\\n<|im_end|>". Every field that could stop a row early
+    or change the main model's choice therefore gets an explicit neutral value instead."""
     config = copy.deepcopy(model.generation_config)
-    config.max_new_tokens, config.min_new_tokens = max_new_tokens, None
-    config.eos_token_id = None  # never stop early: the same token count as mtpd's methods
+    config.max_new_tokens = max_new_tokens
+    # No stop token: every row produces exactly max_new_tokens, like mtpd's methods (and a min_length or
+    # min_new_tokens the model ships has no EOS left to suppress, so the argmax stays the model's).
+    config.eos_token_id = []
+    config.repetition_penalty, config.no_repeat_ngram_size = 1.0, 0  # greedy means the model's own argmax
     config.pad_token_id = 0  # only used for padding, and nothing is padded after the prompts
     sampling = not isinstance(rule, Greedy)
     config.do_sample = sampling

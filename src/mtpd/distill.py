@@ -1,0 +1,303 @@
+"""Self-distillation data for a chat model (`mtpd distill-data`): conversations the model writes itself.
+
+Heads draft well in the contexts they were trained in, and an instruct model is used (and benchmarked, on
+MT-Bench) through its chat template, on its own answers. Text the machine has (code, prose) is neither, so
+this module makes the data from the model: Magpie-style (Xu et al. 2024, arXiv 2406.08464), the model is
+given only its template's prefix up to the user's message (for SmolLM2, the default system turn then
+`<|im_start|>user\\n`) and samples what a user would ask; then it answers each question through the same
+template, exactly as `mtpd bench` prompts it. Nothing is downloaded, and no benchmark question is read.
+
+Each line of the output is `{"text": the whole conversation rendered by the chat template, ...}`, which
+`mtpd train --data FILE.jsonl` reads (data.py): the heads then learn the exact token contexts they draft
+in. Answers are greedy by default: a greedy benchmark verifies the main model's argmax continuation, so
+those are the contexts to learn (the KL term teaches the main head's whole distribution at every position
+anyway; the temperature only decides which positions are visited).
+
+Generation is batched with mtpd's own KV-cached decoder, in bf16 where the device computes it natively.
+Lines are written one at a time and flushed, so an interrupted run keeps what it wrote and `--resume`
+continues the file (sampling then starts from another seed, derived from the lines already there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mtpd.decode import autoregressive_generate, make_rule
+from mtpd.errors import MtpdError, require
+from mtpd.prompts import PromptFormatter, PromptStyle, assistant_turn, user_turn
+
+# Stands in for the user's message while the template is rendered; what precedes it is the Magpie prefix.
+_MESSAGE_PLACEHOLDER = "\x00MTPD-USER-MESSAGE\x00"
+# A sampled question shorter than this (characters) is a fragment, not an instruction.
+MIN_QUESTION_CHARS = 12
+# Question batches in a row that may yield no usable question before the run gives up (instead of looping).
+MAX_BARREN_BATCHES = 8
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    samples: int | None = None  # conversations the file holds when done (a total: --resume continues to it)
+    time_budget: float | None = None  # seconds of generation in this run
+    max_new_tokens: int = 256  # tokens of an answer at most (MT-Bench runs generate 256)
+    question_tokens: int = 96  # tokens of a sampled question at most; longer ones are dropped as rambling
+    batch_size: int = 16
+    temperature: float = 0.0  # answers: 0 = greedy, the contexts a greedy benchmark drafts in
+    question_temperature: float = 1.0  # Magpie samples the user's message at temperature 1
+    question_top_p: float = 0.95  # ... here without the unlikeliest tail: a 135M model's tail is noise
+    seed: int = 0
+
+    def validate(self) -> "DistillConfig":
+        require([
+            (self.samples is not None or self.time_budget is not None,
+             "no budget: pass --samples N (conversations in the file) or --time-budget SECONDS"),
+            (self.samples is None or self.samples >= 1, f"--samples must be >= 1 (got {self.samples})"),
+            (self.time_budget is None or self.time_budget > 0,
+             f"--time-budget must be > 0 seconds (got {self.time_budget})"),
+            (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})"),
+            (self.question_tokens >= 1, f"--question-tokens must be >= 1 (got {self.question_tokens})"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
+            (self.question_temperature > 0,
+             f"--question-temperature must be > 0: questions are sampled (got {self.question_temperature})"),
+            (0 < self.question_top_p <= 1, f"--question-top-p must be in (0, 1] (got {self.question_top_p})"),
+        ])
+        make_rule(self.temperature)  # the answers' rule: refuses a negative temperature in one line
+        return self
+
+
+# ------------------------------------------------------------------------------------------- conversations
+
+
+class ChatRenderer:
+    """A model's chat template, rendered to text by transformers' `apply_chat_template` (the text is what the
+    output file holds) and encoded with the tokenizer mtpd trains with (the prompt ids decoding starts from,
+    the same ids `mtpd bench` prompts the model with)."""
+
+    def __init__(self, hf_tokenizer, formatter: PromptFormatter):
+        if not formatter.has_template:
+            raise MtpdError("the model's tokenizer has no chat template, so there is no user turn to sample "
+                            "questions in: distill-data is for chat models; train heads on a base model with "
+                            "`mtpd train --hf MODEL --data TEXT` on text like the one it will continue")
+        self.hf_tokenizer, self.formatter = hf_tokenizer, formatter
+
+    def render(self, conversation: list[dict], generation_prompt: bool = False) -> str:
+        return self.hf_tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                     add_generation_prompt=generation_prompt)
+
+    def encode(self, text: str) -> list[int]:
+        # The rendered text spells its special tokens out (<|im_start|>, a BOS); the tokenizer matches them,
+        # and adds nothing of its own, as apply_chat_template(tokenize=True) and data.py do.
+        return self.formatter.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def user_prefix(self) -> str:
+        """The template's text before the first user message (a default system turn included): the context in
+        which the model writes a question."""
+        text = self.render([user_turn(_MESSAGE_PLACEHOLDER)])
+        return text[:text.index(_MESSAGE_PLACEHOLDER)]
+
+    def answer_prompt(self, question: str) -> list[int]:
+        return self.encode(self.render([user_turn(question)], generation_prompt=True))
+
+    def conversation(self, question: str, answer: str, finished: bool) -> str:
+        """The conversation as the template writes it; an answer cut at --max-new-tokens stays open (no end of
+        turn: the model did not end it)."""
+        if finished:
+            return self.render([user_turn(question), assistant_turn(answer)])
+        return self.render([user_turn(question)], generation_prompt=True) + answer
+
+
+def load_chat_model(hf: str, device: torch.device, dtype: torch.dtype):
+    """(backbone, renderer) for `--hf SPEC`; refuses a model without a chat template before loading weights."""
+    from mtpd.model.backbone import load_backbone
+    from mtpd.model.source import load_hf_tokenizer, load_tokenizer, resolve_source
+
+    source = resolve_source(hf)
+    hf_tokenizer = load_hf_tokenizer(source)
+    renderer = ChatRenderer(hf_tokenizer, PromptFormatter(PromptStyle.from_hf_tokenizer(hf_tokenizer),
+                                                          load_tokenizer(source)))
+    return load_backbone(source, device, dtype), renderer
+
+
+# ------------------------------------------------------------------------------------------- the output file
+
+
+def _normalized(question: str) -> str:
+    return " ".join(question.lower().split())
+
+
+def read_existing(path: Path) -> tuple[int, set[str]]:
+    """For --resume: how many conversations `path` holds and their questions (normalized, to skip repeats).
+    A last line cut short by an interruption (no newline, not JSON) is removed; any other bad line is an
+    error, since the file is then not one this command wrote."""
+    if not path.exists():
+        return 0, set()
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines[-1]:  # no newline at the end: the write of the last line was cut
+        if _is_json(lines[-1]) is None:  # ... within it: drop it
+            path.write_bytes(data[:len(data) - len(lines[-1])])
+            lines = lines[:-1]
+        else:  # ... before its newline: end it, so the next line does not run on
+            path.write_bytes(data + b"\n")
+    questions, count = set(), 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        record = _is_json(line)
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise MtpdError(f"{path} line {number} is not a conversation this command wrote (a JSON object with "
+                            f"\"text\"): --resume appends to a distill-data file; choose another --out")
+        count += 1
+        if isinstance(record.get("question"), str):
+            questions.add(_normalized(record["question"]))
+    return count, questions
+
+
+def _is_json(line: bytes):
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _check_output(path: Path, resume: bool) -> None:
+    """Refuse an --out this command would not write, before the model loads."""
+    if path.suffix.lower() != ".jsonl":
+        raise MtpdError(f"--out {path} must end in .jsonl (mtpd train --data reads JSONL by its suffix): "
+                        f"choose a FILE.jsonl")
+    if path.exists() and not resume:
+        raise MtpdError(f"{path} exists: pass --resume to add to it, or choose another --out")
+
+
+def _open_output(path: Path):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", encoding="utf-8")
+    except OSError as exc:
+        raise MtpdError(f"cannot write {path} ({exc.strerror}): choose another --out") from None
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+
+def _seed_for(seed: int, lines_before: int) -> int:
+    """A resumed run samples from a seed of its own (else it would sample the questions already written)."""
+    return int.from_bytes(hashlib.sha256(f"distill seed={seed} lines={lines_before}".encode()).digest()[:8], "big")
+
+
+class _Sampler:
+    """Questions and answers from one model, counting the tokens it generates."""
+
+    def __init__(self, backbone, renderer: ChatRenderer, cfg: DistillConfig, generator: torch.Generator):
+        self.backbone, self.renderer, self.cfg, self.generator = backbone, renderer, cfg, generator
+        self.stop_ids = renderer.formatter.stop_ids
+        self.prefix = renderer.encode(renderer.user_prefix())
+        self.question_rule = make_rule(cfg.question_temperature, None, cfg.question_top_p)
+        self.answer_rule = make_rule(cfg.temperature)
+        self.tokens = 0  # generated so far, questions and answers, each up to its stop token
+        self.rejected = 0  # sampled questions dropped: unfinished, too short, or asked before
+
+    def questions(self, seen: set[str]) -> list[str]:
+        """One batch of sampled user messages, less those that did not end their turn within
+        --question-tokens (rambling), fragments, repeats, and those whose prompt leaves no room in the
+        model's context for an answer of --max-new-tokens."""
+        result = autoregressive_generate(self.backbone, [self.prefix] * self.cfg.batch_size, self.cfg.question_tokens,
+                                         self.question_rule, stop_ids=self.stop_ids, generator=self.generator)
+        self.tokens += result.num_tokens
+        kept = []
+        for tokens in result.tokens:
+            question = self.renderer.formatter.answer_text(tokens)
+            key = _normalized(question)
+            if (not self._ended(tokens) or len(question) < MIN_QUESTION_CHARS or key in seen
+                    or len(self.renderer.answer_prompt(question)) + self.cfg.max_new_tokens > self.backbone.max_seq_len):
+                self.rejected += 1
+                continue
+            seen.add(key)
+            kept.append(question)
+        return kept
+
+    def fill(self, pending: list[str], want: int, seen: set[str]) -> list[str]:
+        """`pending` plus fresh questions until it holds `want`; refuses a model that writes none usable."""
+        barren = 0
+        while len(pending) < want:
+            fresh = self.questions(seen)
+            barren = 0 if fresh else barren + 1
+            if barren == MAX_BARREN_BATCHES:
+                raise MtpdError(f"the model wrote no usable question in {barren} batches of {self.cfg.batch_size} "
+                                f"(each must end its turn within --question-tokens {self.cfg.question_tokens}, not "
+                                f"repeat an earlier one, and leave room for --max-new-tokens "
+                                f"{self.cfg.max_new_tokens} in the context of {self.backbone.max_seq_len}): raise "
+                                f"--question-tokens or lower --max-new-tokens, or use a chat model")
+            pending = pending + fresh
+        return pending
+
+    def answers(self, questions: list[str]) -> list[tuple[str, int, bool]]:
+        """(answer text, tokens, whether the model ended its turn) for each question, decoded in one batch."""
+        prompts = [self.renderer.answer_prompt(question) for question in questions]
+        result = autoregressive_generate(self.backbone, prompts, self.cfg.max_new_tokens, self.answer_rule,
+                                         stop_ids=self.stop_ids, generator=self.generator)
+        self.tokens += result.num_tokens
+        return [(self.renderer.formatter.answer_text(tokens), len(tokens), self._ended(tokens))
+                for tokens in result.tokens]
+
+    def _ended(self, tokens: list[int]) -> bool:
+        return bool(tokens) and tokens[-1] in self.stop_ids
+
+
+def distill_data(hf: str, out: str | Path, cfg: DistillConfig, resume: bool = False, device: str = "auto",
+                 dtype: str = "auto", show_progress: bool = True,
+                 log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> dict:
+    """Write the model's own conversations to `out` (JSONL) until `cfg.samples` lines are there or
+    `cfg.time_budget` seconds have passed; returns a summary (lines, tokens, tokens/s)."""
+    from mtpd.precision import dtype_reason, resolve_dtype
+    from mtpd.run import resolve_device
+
+    cfg, path = cfg.validate(), Path(out)
+    dev = resolve_device(device)
+    chosen, reason = resolve_dtype(dtype, dev), dtype_reason(dtype, dev)
+    _check_output(path, resume)
+    existing, seen = read_existing(path) if resume else (0, set())
+    if cfg.samples is not None and existing >= cfg.samples:
+        log(f"{path} already holds {existing} conversations (--samples {cfg.samples}): nothing to do")
+        return {"out": str(path), "lines": existing, "written": 0, "tokens": 0, "seconds": 0.0}
+    backbone, renderer = load_chat_model(hf, dev, chosen)
+    with _open_output(path) as file:  # once the model has loaded: a refused model leaves no empty file
+        sampler = _Sampler(backbone, renderer, cfg, torch.Generator(device=dev).manual_seed(_seed_for(cfg.seed, existing)))
+        log(f"distill-data: {hf} in {str(chosen).removeprefix('torch.')} ({reason}); "
+            f"{'appending to' if existing else 'writing'} {path}" + (f" ({existing} there)" if existing else ""))
+        written, pending, started, last_round = 0, [], time.perf_counter(), 0.0
+        with tqdm(total=cfg.samples, initial=existing, disable=not show_progress, unit="conv",
+                  dynamic_ncols=True) as bar:
+            while cfg.samples is None or existing + written < cfg.samples:
+                elapsed = time.perf_counter() - started
+                # A round starts only if it should end within the budget (judged by the last one); the first
+                # always runs, so a run writes something.
+                if cfg.time_budget is not None and written and elapsed + last_round > cfg.time_budget:
+                    break
+                round_started = time.perf_counter()
+                want = cfg.batch_size if cfg.samples is None else min(cfg.batch_size, cfg.samples - existing - written)
+                pending = sampler.fill(pending, want, seen)
+                batch, pending = pending[:want], pending[want:]
+                for question, (answer, tokens, finished) in zip(batch, sampler.answers(batch)):
+                    record = {"text": renderer.conversation(question, answer, finished), "question": question,
+                              "answer_tokens": tokens, "finished": finished}
+                    file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    file.flush()  # line by line: an interrupted run keeps every finished conversation
+                written += len(batch)
+                last_round = time.perf_counter() - round_started
+                bar.update(len(batch))
+                bar.set_postfix_str(f"{sampler.tokens / (time.perf_counter() - started):.1f} tokens/s, "
+                                    f"{sampler.rejected} questions dropped")
+    seconds = time.perf_counter() - started
+    summary = {"out": str(path), "lines": existing + written, "written": written, "tokens": sampler.tokens,
+               "seconds": round(seconds, 1), "tokens_per_s": round(sampler.tokens / seconds, 1),
+               "questions_dropped": sampler.rejected, "dtype": str(chosen).removeprefix("torch.")}
+    return summary

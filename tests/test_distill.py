@@ -1,0 +1,134 @@
+"""`mtpd distill-data` (distill.py): the model's own conversations, in its chat template, as training data."""
+
+import json
+
+import pytest
+import torch
+
+from hf_models import save_tiny_gguf, save_tiny_model
+from mtpd.cli import main
+from mtpd.distill import load_chat_model
+from mtpd.prompts import user_turn
+
+USER_PREFIX = "<|im_start|>user\n"  # what hf_models.CHAT_TEMPLATE writes before a user message
+SMALL = ["--batch-size", "4", "--max-new-tokens", "8", "--question-tokens", "96", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def chat_gguf(tmp_path_factory):
+    path, _, _ = save_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-chat.gguf", seed=0)
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, err)
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_distill_data_writes_whole_conversations_in_the_chat_template(chat_gguf, tmp_path, capsys):
+    out = tmp_path / "chat.jsonl"
+    code, stdout, _ = run(capsys, "distill-data", "--hf", chat_gguf, "--out", out, "--samples", 5, *SMALL)
+    assert code == 0 and "wrote 5 conversations" in stdout
+    lines = records(out)
+    assert len(lines) == 5
+    assert len({line["question"] for line in lines}) == 5  # no question twice
+    for line in lines:
+        text, question = line["text"], line["question"]
+        assert text.startswith(USER_PREFIX + question + "<|im_end|>\n<|im_start|>assistant\n")
+        assert 1 <= line["answer_tokens"] <= 8
+        # an answer the model ended is closed as the template closes a turn; one cut at the budget stays open
+        assert text.endswith("<|im_end|>\n") == line["finished"]
+
+
+def test_answers_are_prompted_exactly_as_the_bench_prompts_a_question(chat_gguf):
+    """The heads learn the contexts they draft in: an answer's prompt ids are `mtpd bench`'s for that question."""
+    _, renderer = load_chat_model(str(chat_gguf), "cpu", torch.float32)
+    assert renderer.user_prefix() == USER_PREFIX
+    question = "What does a hash table do?"
+    assert renderer.answer_prompt(question) == renderer.formatter.chat([user_turn(question)])
+
+
+def test_resume_appends_and_keeps_what_was_written(chat_gguf, tmp_path, capsys):
+    out = tmp_path / "chat.jsonl"
+    assert run(capsys, "distill-data", "--hf", chat_gguf, "--out", out, "--samples", 3, *SMALL)[0] == 0
+    first = out.read_text()
+    code, _, err = run(capsys, "distill-data", "--hf", chat_gguf, "--out", out, "--samples", 5, *SMALL)
+    assert_one_line_error(code, err, "exists: pass --resume")
+    with open(out, "a") as file:  # an interrupted write: half a line, no newline
+        file.write('{"text": "<|im_start|>user\\nHal')
+    code, stdout, _ = run(capsys, "distill-data", "--hf", chat_gguf, "--out", out, "--samples", 5, "--resume", *SMALL)
+    assert code == 0 and "wrote 2 conversations" in stdout and "5 in all" in stdout
+    assert out.read_text().startswith(first)
+    lines = records(out)
+    assert len(lines) == 5 and len({line["question"] for line in lines}) == 5  # resumed on a fresh seed
+    code, stdout, _ = run(capsys, "distill-data", "--hf", chat_gguf, "--out", out, "--samples", 5, "--resume", *SMALL)
+    assert code == 0 and "wrote 0 conversations" in stdout and len(records(out)) == 5
+    out.write_text(out.read_text().rstrip("\n"))  # cut just before the last line's newline
+    assert run(capsys, "distill-data", "--hf", chat_gguf, "--out", out, "--samples", 6, "--resume", *SMALL)[0] == 0
+    assert len(records(out)) == 6
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--samples", "0"], "--samples must be >= 1"),
+    ([], "no budget: pass --samples N"),
+    (["--samples", "2", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["--samples", "2", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--samples", "2", "--question-top-p", "0"], "--question-top-p must be in (0, 1]"),
+    (["--samples", "2", "--time-budget", "0"], "--time-budget must be > 0"),
+])
+def test_bad_flags_are_one_line_errors(flags, fragment, chat_gguf, tmp_path, capsys):
+    code, _, err = run(capsys, "distill-data", "--hf", chat_gguf, "--out", tmp_path / "x.jsonl", *flags, "--quiet")
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_bad_out_and_models_are_one_line_errors(chat_gguf, tmp_path, capsys):
+    code, _, err = run(capsys, "distill-data", "--hf", chat_gguf, "--out", tmp_path / "x.txt", "--samples", 2)
+    assert_one_line_error(code, err, "must end in .jsonl")
+    base = save_tiny_model(tmp_path / "base", "llama")  # its tokenizer has no chat template
+    capsys.readouterr()  # transformers' progress bar while saving it
+    code, _, err = run(capsys, "distill-data", "--hf", base, "--out", tmp_path / "x.jsonl", "--samples", 2)
+    assert_one_line_error(code, err, "no chat template", "mtpd train --hf MODEL --data TEXT")
+    code, _, err = run(capsys, "distill-data", "--hf", tmp_path / "nowhere", "--out", tmp_path / "x.jsonl",
+                       "--samples", 2)
+    assert_one_line_error(code, err, "nowhere")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_the_output_trains_heads(chat_gguf, tmp_path, capsys):
+    out = tmp_path / "chat.jsonl"
+    assert run(capsys, "distill-data", "--hf", chat_gguf, "--out", out, "--samples", 8, *SMALL)[0] == 0
+    code, stdout, err = run(capsys, "train", "--hf", chat_gguf, "--heads", 2, "--data", out, "--max-steps", 1,
+                            "--batch-size", 2, "--seq-len", 32, "--out", tmp_path / "run", "--quiet")
+    assert code == 0, err
+    assert "checkpoint:" in stdout
+
+
+def test_a_time_budget_ends_the_run_after_whole_rounds(chat_gguf, tmp_path, capsys):
+    out = tmp_path / "chat.jsonl"
+    code, stdout, _ = run(capsys, "distill-data", "--hf", chat_gguf, "--out", out, "--time-budget", 0.01,
+                          "--batch-size", 2, "--max-new-tokens", 4, "--quiet")
+    assert code == 0 and "wrote 2 conversations" in stdout  # the first round always runs, the next would overrun
+    assert len(records(out)) == 2
+
+
+def test_questions_leave_room_in_the_context_for_the_answer(chat_gguf, tmp_path, capsys):
+    out = tmp_path / "chat.jsonl"
+    answer_tokens = 128  # of the tiny model's 256 positions: some sampled questions are too long for it
+    assert run(capsys, "distill-data", "--hf", chat_gguf, "--out", out, "--samples", 3, "--batch-size", 4,
+               "--max-new-tokens", answer_tokens, "--quiet")[0] == 0
+    backbone, renderer = load_chat_model(str(chat_gguf), "cpu", torch.float32)
+    for line in records(out):
+        assert len(renderer.answer_prompt(line["question"])) + answer_tokens <= backbone.max_seq_len
