@@ -116,3 +116,22 @@ def corpus_dir(tmp_path):
     for i in range(40):
         (root / f"module_{i}.py").write_text(SAMPLE_TEXT.replace("fibonacci", f"fib_{i}") * 3)
     return root
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """The CLI in-process: (exit status, stdout, stderr)."""
+    from mtpd.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    """Exit status 2, no traceback, and one `error: ...` line holding every fragment."""
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, err)

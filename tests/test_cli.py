@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import micro_model
+from conftest import run, assert_one_line_error, micro_model
 from mtpd.checkpoint import checkpoint_dir, list_checkpoints, save_checkpoint
 from mtpd.cli import main
 from mtpd.config import PRESETS
@@ -19,19 +19,6 @@ MICRO = ["--preset", "micro", "--heads", "2", "--vocab-size", "300", "--batch-si
 
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    assert code == 2
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, err)
 
 
 def saved_run(run_dir, corpus_dir, step: int = 5):

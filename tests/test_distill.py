@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_models import save_tiny_gguf, save_tiny_model
-from mtpd.cli import main
+from conftest import run, assert_one_line_error
 from mtpd.distill import load_chat_model
 from mtpd.prompts import user_turn
 
@@ -20,17 +20,6 @@ def chat_gguf(tmp_path_factory):
     return path
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *fragments):
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, err)
 
 
 def records(path):

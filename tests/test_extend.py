@@ -6,9 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import micro_model
+from conftest import run, micro_model
 from mtpd.checkpoint import list_checkpoints
-from mtpd.cli import main
 from mtpd.errors import MtpdError
 from mtpd.losses import mtp_d_loss
 from mtpd.config import LossConfig
@@ -52,11 +51,6 @@ def test_only_the_new_heads_receive_gradients():
     assert all(p.grad is None for p in model.heads[0].parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.heads[1].parameters())
 
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:

@@ -6,10 +6,9 @@ import json
 import pytest
 import torch
 
-from conftest import micro_model
+from conftest import run, assert_one_line_error, micro_model
 from mtpd.bench import Timed, _batches
 from mtpd.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
-from mtpd.cli import main
 from mtpd.data import load_corpus, train_tokenizer
 from mtpd.decode import autoregressive_generate, speculative_generate
 from mtpd.decode.generation import Generation
@@ -36,17 +35,6 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *fragments):
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, err)
 
 
 def saved_run(run_dir, corpus_dir, style: PromptStyle | None = None):
