@@ -112,7 +112,7 @@ def test_calibrate_chain_picks_a_number_of_heads_and_bench_drafts_with_it(traine
     from mtpd.checkpoint import Checkpoint
 
     prompts = prompts_from(markov_tokens(3000, seed=7), [12, 17, 9, 20])
-    choice = calibrate_chain(trained_model, prompts, 4, threshold=0.05, new_tokens=24, rounds=1)
+    choice = calibrate_chain(trained_model, prompts, 4, thresholds=(0.05,), new_tokens=24, rounds=1)
     assert [c["shape"] for c in choice.report()["candidates"]] == [TreeShape.chain(d).spec() for d in (1, 2, 3, 4)]
     best = max(choice.candidates, key=lambda c: c["expected_tokens_per_ms"])
     assert choice.shape.spec() == best["shape"] and choice.step_ms == best["step_ms"]
@@ -126,3 +126,35 @@ def test_calibrate_chain_picks_a_number_of_heads_and_bench_drafts_with_it(traine
     assert len(report["acceptance_rate"]) == report["heads"] and report["identical_to_baseline"]
     with pytest.raises(MtpdError, match="--heads auto"):
         run_benchmark(checkpoint, prompts, BenchConfig(max_new_tokens=4, rounds=1, auto_heads=True))
+
+
+def test_calibrate_chain_chooses_the_draft_threshold_too(trained_model):
+    """`--draft-threshold auto`: every (heads, threshold) pair is scored from one set of statistics and timings;
+    the bench drafts with the winner's threshold and reports it."""
+    from mtpd.bench import BenchConfig, run_benchmark
+    from mtpd.checkpoint import Checkpoint
+    from mtpd.config import DRAFT_THRESHOLDS
+
+    prompts = prompts_from(markov_tokens(3000, seed=7), [12, 17, 9, 20])
+    choice = calibrate_chain(trained_model, prompts, 4, thresholds=DRAFT_THRESHOLDS, depths=(4,), new_tokens=24,
+                             rounds=1)
+    assert [(c["shape"], c["draft_threshold"]) for c in choice.candidates] == [
+        (TreeShape.chain(4).spec(), t) for t in DRAFT_THRESHOLDS]
+    best = max(choice.candidates, key=lambda c: c["expected_tokens_per_ms"])
+    assert (choice.shape.depth, choice.draft_threshold) == (4, best["draft_threshold"])
+    # a higher threshold never drafts more
+    drafts = [c["mean_draft_length"] for c in choice.candidates]
+    assert drafts == sorted(drafts, reverse=True)
+    taus = [c["expected_mean_accepted_tokens"] for c in choice.candidates]
+    assert taus[0] >= taus[-1]
+
+    checkpoint = Checkpoint("memory", trained_model, None, {})
+    report = run_benchmark(checkpoint, prompts_from(markov_tokens(500, seed=3), [6, 9]),
+                           BenchConfig(max_new_tokens=16, rounds=1, no_cache_baseline=False, num_heads=3,
+                                       auto_threshold=True), calibration_prompts=prompts)
+    calibrated = report["heads_calibration"]
+    assert report["heads"] == 3 and calibrated["depth"] == 3
+    assert report["draft_threshold"] == calibrated["draft_threshold"] in DRAFT_THRESHOLDS
+    assert report["identical_to_baseline"]
+    with pytest.raises(MtpdError, match="--draft-threshold auto"):
+        run_benchmark(checkpoint, prompts, BenchConfig(max_new_tokens=4, rounds=1, auto_threshold=True))

@@ -1,7 +1,8 @@
 """`mtpd bench`: speculative decoding against its baselines, same prompts, same run, after warm-up.
 
-Methods are timed in interleaved rounds (baseline, speculative with a chain, with a tree if asked,
-no-cache baseline, then again), so a noisy machine slows all of them alike. Tokens are counted the same
+Methods are timed interleaved: every batch of prompts is decoded by each method in turn (baseline,
+speculative with a chain, with a tree if asked, no-cache baseline, then the next batch in reverse order),
+so a noisy machine slows all of them alike. Tokens are counted the same
 way for every method: generated tokens, EOS ignored so every row produces exactly max_new_tokens. Besides
 wall-clock time, each method's CPU time is recorded: on a machine shared with other jobs it measures the
 work done, where wall time also measures the waiting.
@@ -17,6 +18,7 @@ tokens and seconds are kept, so each category's speedup comes from the same roun
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import platform
 import time
@@ -27,7 +29,7 @@ import torch
 
 from mtpd.checkpoint import Checkpoint
 from mtpd.clock import wall_clock
-from mtpd.config import DRAFT_THRESHOLD
+from mtpd.config import DRAFT_THRESHOLD, DRAFT_THRESHOLDS
 from mtpd.decode import ChainDrafter, Greedy, autoregressive_generate, make_rule, speculative_generate
 from mtpd.decode.generation import Generation
 from mtpd.decode.passes import graphs_compiled, passes_for
@@ -57,6 +59,7 @@ class BenchConfig:
     no_cache_baseline: bool = True
     seed: int = 0
     draft_threshold: float = DRAFT_THRESHOLD  # > 0: dynamic draft length; 0: every head drafts
+    auto_threshold: bool = False  # the threshold calibration finds fastest instead (calibrate_chain, DRAFT_THRESHOLDS)
     tree: bool = False  # also decode with a draft tree, side by side with the chain
     tree_shape: str | None = None  # a static tree as rank paths ("0 1 0.0"); None: calibrated
     tree_nodes: int = 16  # calibration tries trees of up to this many nodes (root included)
@@ -73,7 +76,7 @@ class BenchConfig:
     @property
     def calibrates(self) -> bool:
         """Whether the bench needs calibration prompts: a tree to choose, or the number of heads."""
-        return self.auto_heads or (self.tree and self.tree_shape is None)
+        return self.auto_heads or self.auto_threshold or (self.tree and self.tree_shape is None)
 
     def validate(self) -> "BenchConfig":
         checks = [
@@ -143,13 +146,18 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]] | PromptSet, 
                     "lower --max-new-tokens or pass --first-turn-only")
     device = next(model.parameters()).device  # sampling draws from a generator on the model's device
     heads, heads_calibration = _heads(model, cfg), None
-    if cfg.auto_heads:
+    if cfg.auto_heads or cfg.auto_threshold:
         if not calibration_prompts:
-            raise MtpdError("--heads auto calibrates on validation prompts, and none are available: pass --heads K "
-                            "or a checkpoint whose corpus is available")
-        heads_calibration = calibrate_chain(model, calibration_prompts, model.num_heads, cfg.draft_threshold,
-                                            cfg.calibration_tokens(model.num_heads), progress=progress)
+            flag = "--heads auto" if cfg.auto_heads else "--draft-threshold auto"
+            raise MtpdError(f"{flag} calibrates on validation prompts, and none are available: pass a number "
+                            f"instead, or a checkpoint whose corpus is available")
+        heads_calibration = calibrate_chain(
+            model, calibration_prompts, model.num_heads,
+            thresholds=DRAFT_THRESHOLDS if cfg.auto_threshold else (cfg.draft_threshold,),
+            depths=None if cfg.auto_heads else (heads,), new_tokens=cfg.calibration_tokens(model.num_heads),
+            progress=progress)
         heads = heads_calibration.shape.depth
+        cfg = dataclasses.replace(cfg, draft_threshold=heads_calibration.draft_threshold)
     rule = make_rule(cfg.temperature, cfg.top_k, cfg.top_p)
     trees, calibration = _trees(model, heads, cfg, calibration_prompts, progress)
     methods = _methods(model, cfg, rule, heads, trees)
@@ -327,8 +335,9 @@ def time_methods(methods: dict, batches: list[list[list[int]]], rounds: int, see
                  progress: Callable[[str], None] | None = None, warm_up: bool = True,
                  count_graphs: bool = False) -> Timed:
     """A warm-up call of every method on the first batch of each batch size (unless `warm_up` is False: they
-    ran already), then `rounds` interleaved rounds over all batches; round r samples with seed + r for every
-    method alike. Warm-up covers each batch size because compiled code compiles anew for a batch of one
+    ran already), then `rounds` rounds over all batches, each batch decoded by every method in turn; round r
+    samples with seed + r for every method alike (each method its own generator, so its draws do not depend
+    on the others'). Warm-up covers each batch size because compiled code compiles anew for a batch of one
     (decode/passes.py); `count_graphs` counts the graphs compiled in each method's warm-up and in the rounds."""
     clock = wall_clock(device)
     first_of_size = [batch for i, batch in enumerate(batches) if all(len(b) != len(batch) for b in batches[:i])]
@@ -345,19 +354,23 @@ def time_methods(methods: dict, batches: list[list[list[int]]], rounds: int, see
     cpu_seconds = {name: [0.0] * len(batches) for name in methods}
     tokens = {name: [0] * len(batches) for name in methods}
     results: dict[str, list[Generation]] = {name: [] for name in methods}
+    names = list(methods)
     for round_index in range(rounds):
-        for name, generate in methods.items():
-            generator = torch.Generator(device).manual_seed(seed + round_index)
-            for index, batch in enumerate(batches):
+        generators = {name: torch.Generator(device).manual_seed(seed + round_index) for name in names}
+        for index, batch in enumerate(batches):
+            # Every method decodes this batch back to back, in alternating order (A B C, C B A, ...): a machine
+            # that slows down or speeds up during the run then shifts all methods alike, batch by batch.
+            for name in names if (round_index * len(batches) + index) % 2 == 0 else names[::-1]:
                 t0, c0 = clock(), time.process_time()
-                result = generate(batch, generator)
+                result = methods[name](batch, generators[name])
                 seconds[name][index] += clock() - t0
                 cpu_seconds[name][index] += time.process_time() - c0
                 tokens[name][index] += result.num_tokens
                 if round_index == 0:
                     results[name].append(result)
-            if progress:
-                progress(f"round {round_index + 1}/{rounds}: {name} {sum(tokens[name]) / sum(seconds[name]):.1f} tok/s")
+        if progress:
+            rates = ", ".join(f"{name} {sum(tokens[name]) / sum(seconds[name]):.1f}" for name in names)
+            progress(f"round {round_index + 1}/{rounds}: tok/s {rates}")
     return Timed(tokens, seconds, cpu_seconds, results, warm_up_seconds, graphs,
                  graphs_compiled() - before_rounds if count_graphs else None)
 
@@ -544,9 +557,9 @@ def bench_table(report: dict) -> str:
         lines.append(compile_line(report))
     if report.get("heads_calibration"):
         choice = report["heads_calibration"]
-        lines.append(f"--heads auto: {heads} heads (expected tau {choice['expected_mean_accepted_tokens']:.2f}, "
-                     f"{choice['step_ms']:.1f} ms a step; all {len(choice['candidates'])}: expected tau "
-                     f"{choice['chain_expected_mean_accepted_tokens']:.2f}, {choice['candidates'][-1]['step_ms']:.1f} ms)")
+        lines.append(f"calibrated chain: {heads} heads, draft threshold {choice['draft_threshold']:g} (expected tau "
+                     f"{choice['expected_mean_accepted_tokens']:.2f}, {choice['step_ms']:.1f} ms a step; "
+                     f"{len(choice['candidates'])} candidates in the report's heads_calibration)")
     if report["speedup_vs_no_cache"] is not None:
         lines.append(f"speedup vs no-cache AR (the paper's setting): {report['speedup_vs_no_cache']:.2f}x")
     for name in trees:

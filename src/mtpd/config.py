@@ -90,6 +90,10 @@ class ModelConfig:
 # the reference model (README, "Results"): 0.05 beat drafting with every head at 4 heads (1.60-1.63x vs
 # 1.39-1.57x) and kept 8-16 heads from slowing decoding; 0.2 and above stopped drafts that would be accepted.
 DRAFT_THRESHOLD = 0.05
+# The thresholds `--draft-threshold auto` chooses from (decode/tree_calibration.calibrate_chain); 0 drafts with
+# every head. Briefly trained heads are under-confident: on the demo's model 0.05 cut the mean accepted tokens
+# from 3.76 to 2.87 a step, the drafts it stopped being mostly right.
+DRAFT_THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
 # How `mtpd train --hf` starts its heads (train.py HEAD_INITS). Measured on SmolLM2 (README, "Head-only
 # training on a real model"): after the same 49k tokens, heads whose block was copied from the model's last
 # block were 0.05-0.08 behind random ones in offline acceptance at every head, at lr 2e-3 and 5e-4.
@@ -97,6 +101,11 @@ HEAD_INIT_ON_PRETRAINED = "random"
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=2048, d_model=160, n_layers=6, n_heads=5, n_kv_heads=5, ffn_dim=448,
+                        max_seq_len=256),
+    # `mtpd demo`'s model: tiny's size (2.8M parameters + 0.29M per head), deeper and narrower, so a head step
+    # is a smaller share of a pass (docs/design.md §9). After the same 300 s of training on 2 CPU cores it drafted
+    # at 1.59-1.64x KV-cached AR where tiny reached 1.20-1.30x, and 12 blocks of d 128 1.28-1.51x.
+    "demo": ModelConfig(vocab_size=2048, d_model=144, n_layers=10, n_heads=4, n_kv_heads=4, ffn_dim=384,
                         max_seq_len=256),
     "small": ModelConfig(vocab_size=4096, d_model=256, n_layers=12, n_heads=8, n_kv_heads=4, ffn_dim=704,
                          max_seq_len=512),

@@ -19,11 +19,12 @@ Candidates are the B most frequent prefixes for each size B (a prefix is never r
 so they form a tree) and the chain of every depth; each is scored by its walk. Bigger trees accept more but
 cost more per step (a wider verification pass, heads run on more nodes); the winner has the most expected
 tokens per millisecond of measured step time (`calibrate_tree`). `calibrate_chain` chooses the chain
-decoder's number of heads the same way, replaying dynamic draft length too (`walked_chain`).
+decoder's number of heads and its draft threshold the same way, replaying dynamic draft length (`walked_chain`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,12 +152,13 @@ class TreeChoice:
     chain_expected_tau: float  # the same estimate for the chain of all heads
     positions: int  # root positions the statistics come from
     candidates: list[dict] = field(default_factory=list)  # every tree tried: nodes, expected tau, ms per step
+    draft_threshold: float | None = None  # a chain's: the dynamic-draft-length threshold chosen with it
 
     def report(self) -> dict:
         return {"shape": self.shape.spec(), "nodes": self.shape.num_nodes, "depth": self.shape.depth,
                 "expected_mean_accepted_tokens": self.expected_tau, "step_ms": self.step_ms,
                 "chain_expected_mean_accepted_tokens": self.chain_expected_tau, "positions": self.positions,
-                "candidates": self.candidates}
+                "draft_threshold": self.draft_threshold, "candidates": self.candidates}
 
 
 def candidate_trees(frequencies: dict[tuple[int, ...], float], max_nodes: int) -> list[tuple[TreeShape, float]]:
@@ -245,30 +247,38 @@ def calibrate_tree(model: MTPModel, prompts: list[list[int]], num_heads: int, ma
     return _best(shapes, candidates, walked_tau(stats, TreeShape.chain(num_heads)), stats)
 
 
-def calibrate_chain(model: MTPModel, prompts: list[list[int]], num_heads: int, threshold: float = 0.0,
+def calibrate_chain(model: MTPModel, prompts: list[list[int]], num_heads: int,
+                    thresholds: tuple[float, ...] = (0.0,), depths: tuple[int, ...] | None = None,
                     new_tokens: int = 128, rounds: int = 3,
                     progress: Callable[[str], None] | None = None) -> TreeChoice:
-    """How many heads the chain decoder should draft with on this model and machine, with dynamic draft
-    length at `threshold`: for every cap 1..num_heads, the mean accepted tokens and drafts per step from the
-    same statistics (`walked_chain`), a step's cost a + b * drafts fitted through the chain decoder timed at
-    every fixed depth; the most expected tokens per millisecond wins. Heads 1..d of a looped model are those
-    of the d-head model it grew from, so with this choice more heads never draft slower than fewer (up to
-    the timing noise and the prompts' differences)."""
+    """How the chain decoder should draft on this model and machine: with how many heads (`depths`, default
+    1..num_heads) and which dynamic-draft-length threshold (`thresholds`). For every pair, the mean accepted
+    tokens and drafts per step from the same statistics (`walked_chain`), a step's cost a + b * drafts
+    fitted through the chain decoder timed at every fixed depth; the most expected tokens per millisecond
+    wins (`TreeChoice.draft_threshold` holds its threshold). Heads 1..d of a looped model are those of the
+    d-head model it grew from, so with this choice more heads never draft slower than fewer (up to the
+    timing noise and the prompts' differences)."""
+    depths = tuple(range(1, num_heads + 1)) if depths is None else depths
     report = progress and (lambda line: progress(f"heads {line}"))  # noqa: E731
     stats = _statistics(model, prompts, new_tokens, num_heads, report)
-    chains = [TreeShape.chain(d) for d in range(1, num_heads + 1)]
-    measured = measure_step_ms(model, prompts[0], num_heads, chains, rounds=rounds, progress=report,
+    timed = [TreeShape.chain(d) for d in range(1, num_heads + 1)]
+    measured = measure_step_ms(model, prompts[0], num_heads, timed, rounds=rounds, progress=report,
                                chain_decoder=True)
     # ms = a + b * drafts through the fixed-depth timings (least squares: a busy machine's timings are noisy)
     a, b = least_squares([[1.0, d] for d in range(1, num_heads + 1)], measured) if num_heads > 1 else (measured[0], 0.0)
-    candidates = []
-    for d, ms in enumerate(measured, start=1):
-        tau, drafts = walked_chain(stats, d, threshold)
-        cost = max(a + b * drafts, 1e-6)
-        candidates.append({"nodes": d + 1, "shape": TreeShape.chain(d).spec(), "expected_mean_accepted_tokens": tau,
-                           "mean_draft_length": drafts, "measured_step_ms": ms, "step_ms": cost,
-                           "expected_tokens_per_ms": tau / cost})
-    return _best(chains, candidates, walked_chain(stats, num_heads, threshold)[0], stats)
+    chains, candidates = [], []
+    for d in depths:
+        for threshold in thresholds:
+            tau, drafts = walked_chain(stats, d, threshold)
+            cost = max(a + b * drafts, 1e-6)
+            chains.append(TreeShape.chain(d))
+            candidates.append({"nodes": d + 1, "shape": TreeShape.chain(d).spec(), "draft_threshold": threshold,
+                               "expected_mean_accepted_tokens": tau, "mean_draft_length": drafts,
+                               "measured_step_ms": measured[d - 1], "step_ms": cost,
+                               "expected_tokens_per_ms": tau / cost})
+    choice = _best(chains, candidates, walked_chain(stats, num_heads, min(thresholds))[0], stats)
+    best = max(candidates, key=lambda c: c["expected_tokens_per_ms"])  # the one _best chose (the first maximum)
+    return dataclasses.replace(choice, draft_threshold=best["draft_threshold"])
 
 
 def _statistics(model: MTPModel, prompts: list[list[int]], new_tokens: int, num_heads: int,
