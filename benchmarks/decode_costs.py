@@ -9,7 +9,11 @@ matter here, only what each piece costs.
     spec_step_ms     pass_ms[K+1] + K * head_ms: a speculative step with K heads drafting, and its cost in AR
                      steps (the mean accepted tokens tau it needs to break even)
 
-for each dtype asked, in one process (so the fp32 / bf16 ratios come from the same run).
+for each dtype asked, in one process (so the fp32 / bf16 ratios come from the same run). With two or more
+dtypes, `ar_interleaved` then times the autoregressive loop again, one copy of the model per dtype, in
+`--ar-rounds` rounds that decode the same prompt with every dtype back to back (alternating the order), so
+that a machine whose speed drifts slows every dtype alike: median tokens/s per dtype and each one's ratio to
+the first dtype's.
 
     python benchmarks/decode_costs.py --preset small --heads 4
     python benchmarks/decode_costs.py --hf smollm2 --dtypes fp32 bf16 --draft-vocab 0 8192 --json costs.json
@@ -18,6 +22,7 @@ for each dtype asked, in one process (so the fp32 / bf16 ratios come from the sa
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import platform
@@ -88,6 +93,26 @@ def measure(model: MTPModel, dtype: torch.dtype, tokens: list[int], context: int
     return result
 
 
+@torch.no_grad()
+def ar_interleaved(main, dtypes: list[str], context: int, new_tokens: int, rounds: int) -> dict:
+    """KV-cached AR tokens/s of the same prompt with the main model in each dtype, timed back to back."""
+    models = {name: copy.deepcopy(main).to(resolve_dtype(name, "cpu")) for name in dtypes}
+    prompt = torch.randint(0, main.cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(1)).tolist()
+    rates = {name: [] for name in dtypes}
+    for model in models.values():
+        autoregressive_generate(model, [prompt], 8)  # warm-up
+    for r in range(rounds):
+        for name in dtypes if r % 2 == 0 else dtypes[::-1]:
+            t0 = time.perf_counter()
+            new = autoregressive_generate(models[name], [prompt], new_tokens).num_tokens
+            rates[name].append(new / (time.perf_counter() - t0))
+    median = {name: sorted(r)[len(r) // 2] for name, r in rates.items()}
+    return {"new_tokens": new_tokens, "rounds": rounds,
+            "tokens_per_s": {name: round(v, 2) for name, v in median.items()},
+            "all_tokens_per_s": {name: [round(v, 2) for v in r] for name, r in rates.items()},
+            "ratio_to_" + dtypes[0]: {name: round(v / median[dtypes[0]], 3) for name, v in median.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
@@ -100,6 +125,8 @@ def main() -> None:
                         help="head output sizes to time; 0 = the full vocabulary (default: 0)")
     parser.add_argument("--context", type=int, default=64, help="positions already in the KV cache (default: 64)")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--ar-tokens", type=int, default=64, help="new tokens per interleaved AR decode (default: 64)")
+    parser.add_argument("--ar-rounds", type=int, default=7, help="interleaved AR rounds (default: 7)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -118,6 +145,10 @@ def main() -> None:
                       **measure(model, resolve_dtype(name, "cpu"), tokens, args.context, args.repeats)}
             print(json.dumps(result), flush=True)
             report["results"].append(result)
+    if len(args.dtypes) > 1:
+        report["ar_interleaved"] = ar_interleaved(build(args, args.heads, 0).main, args.dtypes, args.context,
+                                                  args.ar_tokens, args.ar_rounds)
+        print(json.dumps(report["ar_interleaved"]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

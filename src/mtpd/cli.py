@@ -698,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "report to OUT/bench.json. Under ten minutes on 2 CPU cores; re-running resumes "
                                    "or reuses the run.")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--time-budget", type=float, default=300, help="seconds of training (default: 300)")
+    p.add_argument("--time-budget", type=float, default=360, help="seconds of training (default: 360)")
     _add_device_flag(p)
     p.set_defaults(func=cmd_demo)
     return parser
