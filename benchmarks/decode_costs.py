@@ -33,6 +33,7 @@ import torch
 from mtpd.config import preset
 from mtpd.decode import autoregressive_generate
 from mtpd.model import MTPModel
+from mtpd.model.packed import pack_for_decoding
 from mtpd.precision import resolve_dtype
 
 
@@ -64,6 +65,7 @@ def build(args, heads: int, draft_vocab: int) -> MTPModel:
 @torch.no_grad()
 def measure(model: MTPModel, dtype: torch.dtype, tokens: list[int], context: int, repeats: int) -> dict:
     model = model.to(dtype)
+    pack_for_decoding(model)  # as mtpd decodes (model/packed.py: bf16 on a CPU)
     main, V, d, K = model.main, model.cfg.vocab_size, model.cfg.d_model, model.num_heads
     cache = main.new_cache(1, context + max(tokens) + 2)
     main(torch.randint(0, V, (1, context)), torch.arange(context)[None], cache)
@@ -97,6 +99,8 @@ def measure(model: MTPModel, dtype: torch.dtype, tokens: list[int], context: int
 def ar_interleaved(main, dtypes: list[str], context: int, new_tokens: int, rounds: int) -> dict:
     """KV-cached AR tokens/s of the same prompt with the main model in each dtype, timed back to back."""
     models = {name: copy.deepcopy(main).to(resolve_dtype(name, "cpu")) for name in dtypes}
+    for model in models.values():
+        pack_for_decoding(model)
     prompt = torch.randint(0, main.cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(1)).tolist()
     rates = {name: [] for name in dtypes}
     for model in models.values():

@@ -33,6 +33,7 @@ from mtpd.evaluate import evaluate
 from mtpd.metrics import mean_accepted_tokens
 from mtpd.model import MTPModel
 from mtpd.model.draft_vocab import most_frequent_tokens, resolve_draft_vocab
+from mtpd.model.packed import pack_for_decoding
 from mtpd.parallel import NO_FSDP_FOR_HF, require_torchrun_for_fsdp
 from mtpd.precision import cast_for_decoding, dtype_reason, resolve_dtype, weights_dtype
 from mtpd.prompts import PromptSet, PromptStyle, checkpoint_formatter, file_prompts, user_turn
@@ -370,6 +371,7 @@ def load_for_decoding(ckpt: str | Path, device: str = "auto", hf: str | None = N
     chosen, reason = resolve_dtype(dtype, dev), dtype_reason(dtype, dev)
     checkpoint = load_checkpoint(ckpt, dev, hf)
     cast_for_decoding(checkpoint.model, chosen)
+    pack_for_decoding(checkpoint.model)
     return checkpoint, reason
 
 
