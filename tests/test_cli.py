@@ -287,3 +287,12 @@ def test_usage_errors_are_one_line_with_a_pointer_to_help(argv, fragments, capsy
     code, out, err = run(capsys, *argv)
     assert_one_line_error(code, err, *fragments)
     assert "usage:" not in out + err
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--heads", "x", "expected a number of heads or 'auto', got 'x'"),
+    ("--draft-threshold", "high", "expected a probability or 'auto', got 'high'"),
+])
+def test_bench_auto_flags_take_a_value_or_auto(flag, value, fragment, capsys):
+    code, _, err = run(capsys, "bench", "--ckpt", "runs/none", flag, value)
+    assert_one_line_error(code, err, fragment)

@@ -304,13 +304,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _heads_or_auto(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of heads or 'auto', got '{value}'") from None
+def _or_auto(convert, what: str):
+    """An argparse type: the word 'auto' (calibrate it), or a value `convert` parses."""
+    def parse(value: str):
+        if value == "auto":
+            return value
+        try:
+            return convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} or 'auto', got '{value}'") from None
+    return parse
 
 
 def cmd_bench(args) -> int:
@@ -446,19 +449,11 @@ def _add_draft_flags(p: argparse.ArgumentParser, auto: bool = False) -> None:
     calibrated = (f" 'auto': the threshold (of {grid}) that gives the most expected tokens per ms, calibrated on "
                   "held-out validation prompts like --heads auto (briefly trained heads are under-confident: on "
                   "the demo's model 0 beat 0.05 by 0.9 accepted tokens a step)." if auto else "")
-    p.add_argument("--draft-threshold", type=_threshold_or_auto if auto else float, default=DRAFT_THRESHOLD,
+    p.add_argument("--draft-threshold", type=_or_auto(float, "a probability") if auto else float,
+                   default=DRAFT_THRESHOLD,
                    help="dynamic draft length: stop drafting after a draft its head gave less than this probability "
                         f"(0 = always draft with every head; default: {DRAFT_THRESHOLD}, measured best on the reference "
                         f"model with 4, 8 and 16 heads).{calibrated}")
-
-
-def _threshold_or_auto(value: str) -> float | str:
-    if value == "auto":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability or 'auto', got '{value}'") from None
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -596,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=64, help="tokens per validation prompt (default: 64)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default: 1)")
-    p.add_argument("--heads", type=_heads_or_auto, help="draft with the first K heads only (default: all); 'auto': "
+    p.add_argument("--heads", type=_or_auto(int, "a number of heads"), help="draft with the first K heads only (default: all); 'auto': "
                                                          "as many as give the most expected tokens per ms, "
                                                          "calibrated on held-out validation prompts (greedy "
                                                          "acceptance, timed chain steps)")
