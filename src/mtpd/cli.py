@@ -448,7 +448,7 @@ def _add_draft_flags(p: argparse.ArgumentParser, auto: bool = False) -> None:
     grid = ", ".join(f"{t:g}" for t in DRAFT_THRESHOLDS)
     calibrated = (f" 'auto': the threshold (of {grid}) that gives the most expected tokens per ms, calibrated on "
                   "held-out validation prompts like --heads auto (briefly trained heads are under-confident: on "
-                  "the demo's model 0 beat 0.05 by 0.9 accepted tokens a step)." if auto else "")
+                  "the tiny preset after 5 minutes, 0 beat 0.05 by 0.9 accepted tokens a step)." if auto else "")
     p.add_argument("--draft-threshold", type=_or_auto(float, "a probability") if auto else float,
                    default=DRAFT_THRESHOLD,
                    help="dynamic draft length: stop drafting after a draft its head gave less than this probability "

@@ -91,8 +91,8 @@ class ModelConfig:
 # 1.39-1.57x) and kept 8-16 heads from slowing decoding; 0.2 and above stopped drafts that would be accepted.
 DRAFT_THRESHOLD = 0.05
 # The thresholds `--draft-threshold auto` chooses from (decode/tree_calibration.calibrate_chain); 0 drafts with
-# every head. Briefly trained heads are under-confident: on the demo's model 0.05 cut the mean accepted tokens
-# from 3.76 to 2.87 a step, the drafts it stopped being mostly right.
+# every head. Briefly trained heads are under-confident: on the tiny preset after 5 minutes of training 0.05 cut
+# the mean accepted tokens from 3.76 to 2.87 a step, the drafts it stopped being mostly right.
 DRAFT_THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
 # How `mtpd train --hf` starts its heads (train.py HEAD_INITS). Measured on SmolLM2 (README, "Head-only
 # training on a real model"): after the same 49k tokens, heads whose block was copied from the model's last
