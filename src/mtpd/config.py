@@ -103,8 +103,8 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=2048, d_model=160, n_layers=6, n_heads=5, n_kv_heads=5, ffn_dim=448,
                         max_seq_len=256),
     # `mtpd demo`'s model: tiny's size (2.8M parameters + 0.29M per head), deeper and narrower, so a head step
-    # is a smaller share of a pass (docs/design.md §9). After the same 300 s of training on 2 CPU cores it drafted
-    # at 1.59-1.64x KV-cached AR where tiny reached 1.20-1.30x, and 12 blocks of d 128 1.28-1.51x.
+    # is a smaller share of a pass (docs/design.md §9). In `mtpd demo` (360 s of training on 2 CPU cores) it
+    # drafted at 1.53-1.67x KV-cached AR in three fresh runs, where tiny reached 0.95-1.30x after 300 s.
     "demo": ModelConfig(vocab_size=2048, d_model=144, n_layers=10, n_heads=4, n_kv_heads=4, ffn_dim=384,
                         max_seq_len=256),
     "small": ModelConfig(vocab_size=4096, d_model=256, n_layers=12, n_heads=8, n_kv_heads=4, ffn_dim=704,
