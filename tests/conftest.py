@@ -80,6 +80,29 @@ def assert_greedy_lossless(model: MTPModel, prompts: list[list[int]], max_new_to
     return accepted
 
 
+# Chi-squared quantiles at p = 0.001 by degrees of freedom (30.0 beyond 9: the quantile at 10 is 29.59).
+CHI2_CRITICAL_P001 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88}
+
+
+def assert_samples_like_the_main_model(model: MTPModel, prompt: list[int], new_tokens: int, positions: tuple[int, ...],
+                                       device: str | torch.device = "cpu", **speculative) -> None:
+    """400 speculative samples (temperature 1.5) and 400 of the main model alone, from one prompt: the tokens at
+    each of `positions` (after drafting) are alike by a two-sample chi-squared test over the tokens seen >= 10
+    times, at p = 0.001. Fixed seeds, so the test is deterministic."""
+    from mtpd.decode import SpeculativeSampling, autoregressive_generate, speculative_generate
+
+    prompts, rule = [prompt] * 400, SpeculativeSampling(temperature=1.5)  # rows sample independently
+    spec = speculative_generate(model, prompts, new_tokens, rule, generator=torch.Generator(device).manual_seed(1),
+                                **speculative).tokens
+    ar = autoregressive_generate(model.main, prompts, new_tokens, rule,
+                                 generator=torch.Generator(device).manual_seed(2)).tokens
+    for i in positions:
+        a, b = [t[i] for t in spec], [t[i] for t in ar]
+        tokens = sorted({t for t in a + b if a.count(t) + b.count(t) >= 10})
+        stat = sum((a.count(t) - b.count(t)) ** 2 / (a.count(t) + b.count(t)) for t in tokens)
+        assert stat < CHI2_CRITICAL_P001.get(len(tokens) - 1, 30.0), f"token {i}: chi-squared {stat:.1f}"
+
+
 def prompts_from(stream: torch.Tensor, lengths: list[int]) -> list[list[int]]:
     out, at = [], 0
     for n in lengths:

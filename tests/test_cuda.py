@@ -11,10 +11,10 @@ import torch
 from mtpd.bench import BenchConfig, run_benchmark
 from mtpd.checkpoint import load_checkpoint
 from mtpd.cli import main
-from mtpd.decode import SpeculativeSampling, autoregressive_generate, speculative_generate
+from mtpd.decode import autoregressive_generate, speculative_generate
 from mtpd.decode.tree import TreeShape
 from mtpd.decode.tree_draft import DynamicTree, StaticTree
-from conftest import assert_greedy_lossless, markov_tokens, prompts_from
+from conftest import assert_greedy_lossless, assert_samples_like_the_main_model, markov_tokens, prompts_from
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -52,15 +52,7 @@ def test_greedy_tree_on_cuda_equals_autoregressive(cuda_uncertain_model, drafter
 
 def test_speculative_sampling_on_cuda_matches_autoregressive_sampling(cuda_model):
     """Sampling draws from a generator on the GPU, and the 2nd token's distribution matches plain sampling."""
-    prompts = [[5, 17, 3]] * 400
-    rule = SpeculativeSampling(temperature=1.5)
-    spec_g, ar_g = torch.Generator(CUDA).manual_seed(1), torch.Generator(CUDA).manual_seed(2)
-    spec = [t[1] for t in speculative_generate(cuda_model, prompts, 2, rule, generator=spec_g).tokens]
-    ar = [t[1] for t in autoregressive_generate(cuda_model.main, prompts, 2, rule, generator=ar_g).tokens]
-    tokens = sorted({t for t in spec + ar if spec.count(t) + ar.count(t) >= 10})
-    stat = sum((spec.count(t) - ar.count(t)) ** 2 / (spec.count(t) + ar.count(t)) for t in tokens)
-    critical = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88}
-    assert stat < critical.get(len(tokens) - 1, 30.0)
+    assert_samples_like_the_main_model(cuda_model, [5, 17, 3], 2, positions=(1,), device=CUDA)
 
 
 def test_train_on_cuda_then_bench_sampling_and_load_on_cpu(tmp_path, corpus_dir, capsys):

@@ -3,7 +3,7 @@ import torch
 
 from mtpd.decode import Greedy, SpeculativeSampling, autoregressive_generate, sampling_probs, speculative_generate
 from mtpd.errors import MtpdError
-from conftest import assert_greedy_lossless, markov_tokens, prompts_from
+from conftest import assert_greedy_lossless, assert_samples_like_the_main_model, markov_tokens, prompts_from
 
 
 @pytest.mark.parametrize("num_heads", [1, 2, 4])
@@ -113,17 +113,7 @@ def test_speculative_sampling_preserves_target_distribution(num_drafts):
 @pytest.mark.parametrize("threshold", [0.0, 0.5])
 def test_speculative_sampling_end_to_end_matches_autoregressive_sampling(trained_model, threshold):
     """Distribution of the 2nd generated token (after drafting) matches plain sampling, from one prompt."""
-    prompts = [[5, 17, 3]] * 400  # rows sample independently: one batched call gives 400 draws
-    rule = SpeculativeSampling(temperature=1.5)
-    spec_g, ar_g = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
-    spec = [t[1] for t in speculative_generate(trained_model, prompts, 2, rule, generator=spec_g,
-                                               draft_threshold=threshold).tokens]
-    ar = [t[1] for t in autoregressive_generate(trained_model.main, prompts, 2, rule, generator=ar_g).tokens]
-    # Compare the two empirical distributions with a two-sample chi-squared over tokens seen >= 10 times.
-    tokens = sorted({t for t in spec + ar if spec.count(t) + ar.count(t) >= 10})
-    stat = sum((spec.count(t) - ar.count(t)) ** 2 / (spec.count(t) + ar.count(t)) for t in tokens)
-    critical = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88}
-    assert stat < critical.get(len(tokens) - 1, 30.0)
+    assert_samples_like_the_main_model(trained_model, [5, 17, 3], 2, positions=(1,), draft_threshold=threshold)
 
 
 def test_greedy_rule_accepts_matching_prefix():

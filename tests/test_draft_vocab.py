@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from conftest import assert_greedy_lossless, micro_model
+from conftest import assert_greedy_lossless, assert_samples_like_the_main_model, micro_model
 from mtpd.checkpoint import (CONFIG_FILE, FORMAT, FORMAT_VERSION, HEADS_FILE, head_tensors, load_checkpoint,
                              load_weights, save_checkpoint)
 from mtpd.config import LossConfig
@@ -163,16 +163,7 @@ def test_speculative_sampling_with_a_draft_vocabulary_preserves_the_target_distr
 @pytest.mark.parametrize("threshold", [0.0, 0.5])
 def test_speculative_sampling_end_to_end_with_a_draft_vocabulary(reduced_model, threshold):
     """Distribution of the 2nd generated token (after drafting) matches plain sampling from the main model."""
-    prompts = [[5, 17, 3]] * 400
-    rule = SpeculativeSampling(temperature=1.5)
-    spec = [t[1] for t in speculative_generate(reduced_model, prompts, 2, rule, draft_threshold=threshold,
-                                               generator=torch.Generator().manual_seed(1)).tokens]
-    ar = [t[1] for t in autoregressive_generate(reduced_model.main, prompts, 2, rule,
-                                                generator=torch.Generator().manual_seed(2)).tokens]
-    tokens = sorted({t for t in spec + ar if spec.count(t) + ar.count(t) >= 10})
-    stat = sum((spec.count(t) - ar.count(t)) ** 2 / (spec.count(t) + ar.count(t)) for t in tokens)
-    critical = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88}
-    assert stat < critical.get(len(tokens) - 1, 30.0)
+    assert_samples_like_the_main_model(reduced_model, [5, 17, 3], 2, positions=(1,), draft_threshold=threshold)
 
 
 def test_loss_over_the_draft_vocabulary_by_hand():

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from conftest import assert_greedy_lossless, markov_tokens, micro_model, prompts_from
+from conftest import (assert_greedy_lossless, assert_samples_like_the_main_model, markov_tokens, micro_model,
+                      prompts_from)
 from hf_models import save_tiny_model
 from mtpd.config import LossConfig, preset
-from mtpd.decode import SpeculativeSampling, autoregressive_generate, speculative_generate
+from mtpd.decode import speculative_generate
 from mtpd.decode.tree import TreeShape
 from mtpd.decode.tree_draft import StaticTree
 from mtpd.errors import MtpdError
@@ -184,16 +185,7 @@ def test_independent_heads_decode_greedy_losslessly(independent_model):
 
 def test_independent_heads_sample_the_main_models_distribution(independent_model):
     """The 2nd sampled token (after drafting) is distributed as plain sampling's (two-sample chi-squared)."""
-    prompts = [[5, 17, 3]] * 400
-    rule = SpeculativeSampling(temperature=1.5)
-    spec = [t[1] for t in speculative_generate(independent_model, prompts, 2, rule,
-                                               generator=torch.Generator().manual_seed(1)).tokens]
-    ar = [t[1] for t in autoregressive_generate(independent_model.main, prompts, 2, rule,
-                                                generator=torch.Generator().manual_seed(2)).tokens]
-    tokens = sorted({t for t in spec + ar if spec.count(t) + ar.count(t) >= 10})
-    stat = sum((spec.count(t) - ar.count(t)) ** 2 / (spec.count(t) + ar.count(t)) for t in tokens)
-    critical = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88}
-    assert stat < critical.get(len(tokens) - 1, 30.0)
+    assert_samples_like_the_main_model(independent_model, [5, 17, 3], 2, positions=(1,))
 
 
 def test_independent_heads_refuse_trees(independent_model):

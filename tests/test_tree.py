@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mtpd.decode import SpeculativeSampling, autoregressive_generate, speculative_generate
+from mtpd.decode import autoregressive_generate, speculative_generate
 from mtpd.decode.acceptance import Greedy
 from mtpd.decode.chain import ChainDrafter
 from mtpd.decode.generation import make_batch
@@ -10,7 +10,8 @@ from mtpd.decode.tree import TreeShape, accept_path, ancestor_matrix, path_nodes
 from mtpd.decode.tree_draft import DynamicTree, StaticTree
 from mtpd.errors import MtpdError
 from mtpd.model import Decoder, MTPModel, TreeAttention
-from conftest import assert_greedy_lossless, markov_tokens, micro_model, prompts_from
+from conftest import (assert_greedy_lossless, assert_samples_like_the_main_model, markov_tokens, micro_model,
+                      prompts_from)
 
 SHAPES = {
     "chain": "0 0.0 0.0.0 0.0.0.0",
@@ -257,17 +258,7 @@ def test_tree_stops_at_eos_and_context_end(trained_model):
                                      DynamicTree(depth=3, width=2, children=3, nodes=7)], ids=["static", "dynamic"])
 def test_tree_sampling_matches_autoregressive_sampling(trained_model, drafter):
     """Distribution of the 2nd and 3rd generated tokens (after a tree step) matches plain sampling."""
-    prompts = [[5, 17, 3, 9]] * 400
-    rule = SpeculativeSampling(temperature=1.5)
-    spec = speculative_generate(trained_model, prompts, 3, rule, generator=torch.Generator().manual_seed(1),
-                                tree=drafter).tokens
-    ar = autoregressive_generate(trained_model.main, prompts, 3, rule, generator=torch.Generator().manual_seed(2)).tokens
-    critical = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88}
-    for i in (1, 2):
-        a, b = [t[i] for t in spec], [t[i] for t in ar]
-        tokens = sorted({t for t in a + b if a.count(t) + b.count(t) >= 10})
-        stat = sum((a.count(t) - b.count(t)) ** 2 / (a.count(t) + b.count(t)) for t in tokens)
-        assert stat < critical.get(len(tokens) - 1, 30.0)
+    assert_samples_like_the_main_model(trained_model, [5, 17, 3, 9], 3, positions=(1, 2), tree=drafter)
 
 
 class ChainOnlyDecoder(Decoder):
