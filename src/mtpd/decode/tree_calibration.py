@@ -24,7 +24,6 @@ decoder's number of heads and its draft threshold the same way, replaying dynami
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -276,9 +275,7 @@ def calibrate_chain(model: MTPModel, prompts: list[list[int]], num_heads: int,
                                "expected_mean_accepted_tokens": tau, "mean_draft_length": drafts,
                                "measured_step_ms": measured[d - 1], "step_ms": cost,
                                "expected_tokens_per_ms": tau / cost})
-    choice = _best(chains, candidates, walked_chain(stats, num_heads, min(thresholds))[0], stats)
-    best = max(candidates, key=lambda c: c["expected_tokens_per_ms"])  # the one _best chose (the first maximum)
-    return dataclasses.replace(choice, draft_threshold=best["draft_threshold"])
+    return _best(chains, candidates, walked_chain(stats, num_heads, min(thresholds))[0], stats)
 
 
 def _statistics(model: MTPModel, prompts: list[list[int]], new_tokens: int, num_heads: int,
@@ -289,7 +286,8 @@ def _statistics(model: MTPModel, prompts: list[list[int]], new_tokens: int, num_
 
 
 def _best(shapes: list[TreeShape], candidates: list[dict], all_heads_tau: float, stats: DraftStatistics) -> TreeChoice:
-    """The candidate with the most expected tokens per millisecond; every candidate reported."""
+    """The candidate with the most expected tokens per millisecond (a chain's with its draft threshold); every
+    candidate reported."""
     best = max(range(len(shapes)), key=lambda i: candidates[i]["expected_tokens_per_ms"])
     return TreeChoice(shapes[best], candidates[best]["expected_mean_accepted_tokens"], candidates[best]["step_ms"],
-                      all_heads_tau, stats.positions, candidates)
+                      all_heads_tau, stats.positions, candidates, candidates[best].get("draft_threshold"))
