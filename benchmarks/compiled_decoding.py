@@ -26,24 +26,17 @@ import time
 import torch
 
 from mtpd.bench import baseline_agreement, divergence_gap, time_methods
-from mtpd.config import preset
 from mtpd.decode import ChainDrafter, autoregressive_generate, speculative_generate
 from mtpd.decode.passes import EAGER, passes_for
 from mtpd.metrics import mean_accepted_tokens
 from mtpd.model import MTPModel
 from mtpd.precision import cast_for_decoding, resolve_dtype
+from untrained import add_model_source, untrained_heads_model
 
 
 def build(args) -> MTPModel:
-    torch.manual_seed(0)
-    if args.hf:
-        from mtpd.model.backbone import load_backbone
-
-        backbone = load_backbone(args.hf, max_seq_len=args.prompt_tokens + args.new_tokens + 64)
-        model = MTPModel(backbone.head_config(args.heads), backbone)
-    else:
-        model = MTPModel(preset(args.preset, mtp_heads=args.heads))
-    return cast_for_decoding(model.eval(), resolve_dtype(args.dtype, "cpu"))
+    model = untrained_heads_model(args, args.heads, max_seq_len=args.prompt_tokens + args.new_tokens + 64)
+    return cast_for_decoding(model, resolve_dtype(args.dtype, "cpu"))
 
 
 @torch.no_grad()
@@ -86,9 +79,7 @@ def pass_ms(model: MTPModel, context: int, heads: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", default="small", help="a built-in preset (default: small)")
-    source.add_argument("--hf", help="a Llama-family model mtpd's decoder runs: directory, .gguf file or `smollm2`")
+    add_model_source(parser)
     parser.add_argument("--heads", type=int, default=4, help="heads drafting, all of them every step (default: 4)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--prompts", type=int, default=4, help="random prompts, decoded one at a time (default: 4)")

@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import platform
 import time
 
 import torch
 
-from mtpd.config import preset
 from mtpd.decode import autoregressive_generate
 from mtpd.model import MTPModel
 from mtpd.model.packed import pack_for_decoding
 from mtpd.precision import resolve_dtype
+from untrained import add_model_source, untrained_heads_model
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -46,20 +45,6 @@ def median_ms(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2] * 1e3
-
-
-def build(args, heads: int, draft_vocab: int) -> MTPModel:
-    torch.manual_seed(0)
-    if args.hf:
-        from mtpd.model.backbone import load_backbone
-
-        backbone = load_backbone(args.hf, max_seq_len=args.context + 64)
-        cfg = backbone.head_config(heads)
-    else:
-        backbone, cfg = None, preset(args.preset, mtp_heads=heads)
-    if draft_vocab:
-        cfg = dataclasses.replace(cfg, draft_vocab=draft_vocab)
-    return MTPModel(cfg, backbone).eval()
 
 
 @torch.no_grad()
@@ -119,9 +104,7 @@ def ar_interleaved(main, dtypes: list[str], context: int, new_tokens: int, round
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", default="small", help="a built-in preset (default: small)")
-    source.add_argument("--hf", help="a Hugging Face model: directory, .gguf file or `smollm2`")
+    add_model_source(parser)
     parser.add_argument("--heads", type=int, default=4, help="K: the verification pass covers K+1 tokens")
     parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 3, 5, 9, 17], help="pass sizes T")
@@ -141,7 +124,7 @@ def main() -> None:
               "threads": torch.get_num_threads(), "device_name": platform.processor() or platform.machine(),
               "torch_version": torch.__version__, "results": []}
     for draft_vocab in args.draft_vocab:
-        model = build(args, args.heads, draft_vocab)
+        model = untrained_heads_model(args, args.heads, args.context + 64, draft_vocab)
         report["params_main"] = sum(p.numel() for p in model.main.parameters())
         report["vocab_size"] = model.cfg.vocab_size
         for name in args.dtypes:
@@ -150,7 +133,8 @@ def main() -> None:
             print(json.dumps(result), flush=True)
             report["results"].append(result)
     if len(args.dtypes) > 1:
-        report["ar_interleaved"] = ar_interleaved(build(args, args.heads, 0).main, args.dtypes, args.context,
+        main = untrained_heads_model(args, args.heads, args.context + 64).main
+        report["ar_interleaved"] = ar_interleaved(main, args.dtypes, args.context,
                                                   args.ar_tokens, args.ar_rounds)
         print(json.dumps(report["ar_interleaved"]), flush=True)
     if args.json:
