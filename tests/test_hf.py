@@ -320,6 +320,11 @@ def test_cli_train_generate_bench_with_hf(llama_dir, tmp_path, capsys, corpus_di
     assert set(report["peers"]) == {"hf_generate", "hf_prompt_lookup"}
     assert all(peer["identical_to_spec"] and peer["tokens_per_s"] > 0 for peer in report["peers"].values())
     assert "transformers prompt lookup" in capsys.readouterr().out
+    assert main(["bench", "--ckpt", str(run), "--dtype", "fp32", "--num-prompts", "2", "--prompt-tokens", "8",
+                 "--max-new-tokens", "4", "--rounds", "1", "--skip-no-cache", "--skip-peers",
+                 "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["peers"] == {} and report["identical_to_baseline"] is True
 
 
 def test_cli_rejects_shape_flags_with_hf(llama_dir, tmp_path, capsys):

@@ -57,6 +57,7 @@ class BenchConfig:
     top_p: float | None = None
     rounds: int = 2
     no_cache_baseline: bool = True
+    peers: bool = True  # heads on a Hugging Face model: also time transformers' generate and prompt lookup
     seed: int = 0
     draft_threshold: float = DRAFT_THRESHOLD  # > 0: dynamic draft length; 0: every head drafts
     auto_threshold: bool = False  # the threshold calibration finds fastest instead (calibrate_chain, DRAFT_THRESHOLDS)
@@ -274,7 +275,7 @@ def _methods(model, cfg: BenchConfig, rule, heads: int,
     if cfg.no_cache_baseline:
         methods["autoregressive_no_cache"] = lambda batch, generator: autoregressive_generate(
             model.main, batch, cfg.max_new_tokens, rule, use_cache=False, generator=generator, compile=cfg.compile)
-    if model.main.source is not None:  # an imported model: what its users would run instead
+    if cfg.peers and model.main.source is not None:  # an imported model: what its users would run instead
         methods |= hf_peer_methods(transformers_peer(model.main), cfg.max_new_tokens, rule)
     return methods
 

@@ -324,7 +324,7 @@ def cmd_bench(args) -> int:
     cfg = BenchConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       num_heads=None if auto_heads else args.heads, auto_heads=auto_heads,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rounds=args.rounds,
-                      no_cache_baseline=not args.skip_no_cache, seed=args.seed,
+                      no_cache_baseline=not args.skip_no_cache, peers=not args.skip_peers, seed=args.seed,
                       draft_threshold=DRAFT_THRESHOLD if auto_threshold else args.draft_threshold,
                       auto_threshold=auto_threshold, tree=args.tree or args.tree_dynamic or args.tree_shape is not None,
                       tree_shape=args.tree_shape, tree_nodes=args.tree_nodes,
@@ -612,6 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "many nodes as the static tree; implies --tree")
     p.add_argument("--rounds", type=int, default=2, help="timed repetitions of every method (default: 2)")
     p.add_argument("--skip-no-cache", action="store_true", help="leave out the slow no-cache baseline")
+    p.add_argument("--skip-peers", action="store_true",
+                   help="heads on a Hugging Face model: leave out transformers' generate and prompt lookup (they "
+                        "do not depend on the heads: when comparing heads, time them once)")
     p.add_argument("--json", help="write the report (docs/design.md §6 fields) to this JSON file")
     _add_decoding_dtype_flag(p)
     _add_compile_flag(p)
