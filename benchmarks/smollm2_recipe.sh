@@ -8,6 +8,8 @@
 #   DATA_SECONDS=2100   generation of the training conversations (`mtpd distill-data`)
 #   TRAIN_SECONDS=3000  training of the 4 heads (`mtpd train --time-budget`)
 #   BASELINE=1          also the plain MTP baseline (--beta 0) on the same tokens and seed (another ~60 min)
+#   INDEPENDENT=1       also independent heads (--independent-heads) on the same tokens and seed
+#   LOOPED=1            also the MTP-D heads extended 4 -> 8 (`mtpd extend`, LOOPED_SECONDS=1800 of training)
 #   LLAMA_CPP=1         also time llama.cpp's autoregressive decoding of the same GGUF and prompts (2 threads);
 #                       installs llama-cpp-python if missing (it compiles llama.cpp: ~6 minutes)
 #   BENCH=0             stop after evaluation (the MT-Bench run takes ~1 hour: 5 methods x 80 x 256 tokens)
@@ -55,11 +57,20 @@ tokens=$($python -c "import sys; from mtpd.checkpoint import list_checkpoints, r
 print(read_config(list_checkpoints(sys.argv[1])[-1][1])['state']['tokens_seen'])" "$out/mtpd")
 echo "MTP-D heads trained on $tokens tokens"
 
-# 3. Optional: the plain MTP baseline on the same tokens, data order and seed.
+# 3. Optional: the plain MTP baseline and independent (parallel) heads on the same tokens, data order and
+#    seed; the MTP-D heads grown to 8 by looped extension (heads 1-4 frozen, bit-identical).
 variants=(mtpd)
 if [ "${BASELINE:-0}" = 1 ]; then
   $MTPD train "${train[@]}" --beta 0 --max-tokens "$tokens" --out "$out/mtp" --resume
   variants+=(mtp)
+fi
+if [ "${INDEPENDENT:-0}" = 1 ]; then
+  $MTPD train "${train[@]}" --independent-heads --max-tokens "$tokens" --out "$out/independent" --resume
+  variants+=(independent)
+fi
+if [ "${LOOPED:-0}" = 1 ]; then
+  $MTPD extend --ckpt "$out/mtpd" --to 8 --time-budget "${LOOPED_SECONDS:-1800}" --out "$out/mtpd-8" --quiet --resume
+  variants+=(mtpd-8)
 fi
 
 # 4. Offline acceptance on held-out conversations (the data's validation split), then MT-Bench.
@@ -73,8 +84,10 @@ done
 peers=()
 for variant in "${variants[@]}"; do  # a report already written is kept: delete it to benchmark again
   if [ ! -e "$reports/mt-bench-$variant.json" ]; then
+    tree=(--tree)
+    [ "$variant" = independent ] && tree=()  # independent heads draft chains only
     $MTPD bench --ckpt "$out/$variant" --prompts "$questions" --first-turn-only --max-new-tokens "$new_tokens" \
-      --batch-size 1 --dtype bf16 --rounds 1 --skip-no-cache --draft-threshold auto --tree "${peers[@]}" \
+      --batch-size 1 --dtype bf16 --rounds 1 --skip-no-cache --draft-threshold auto "${tree[@]}" "${peers[@]}" \
       --json "$reports/mt-bench-$variant.json"
   fi
   peers=(--skip-peers)
