@@ -96,6 +96,7 @@ done
 # 5. Optional: llama.cpp on the same GGUF and prompts, written into the MTP-D report.
 if [ "${LLAMA_CPP:-0}" = 1 ]; then
   $python -c "import llama_cpp" 2>/dev/null || $python -m pip install llama-cpp-python
+  # --ubatch 1: llama-cpp-python 0.3.36 crashed here in its AMX path on multi-token passes (llama_cpp_peer.py)
   $python "$here/llama_cpp_peer.py" --hf "$model" --prompts "$questions" --max-new-tokens "$new_tokens" --threads 2 \
-    --json "$reports/mt-bench-mtpd.json"
+    --ubatch 1 --json "$reports/mt-bench-mtpd.json"
 fi
