@@ -158,3 +158,30 @@ def test_calibrate_chain_chooses_the_draft_threshold_too(trained_model):
     assert report["identical_to_baseline"]
     with pytest.raises(MtpdError, match="--draft-threshold auto"):
         run_benchmark(checkpoint, prompts, BenchConfig(max_new_tokens=4, rounds=1, auto_threshold=True))
+
+
+def test_the_bench_gathers_calibration_statistics_once_for_the_chain_and_the_tree(trained_model, monkeypatch):
+    """--draft-threshold auto with --tree (and fewer heads than the model has): one set of greedy continuations
+    serves both calibrations; the tree's is cut to the heads drafting (`first_heads`)."""
+    import mtpd.bench
+    from mtpd.bench import BenchConfig, run_benchmark
+    from mtpd.checkpoint import Checkpoint
+
+    gathered = []
+
+    def counted(*args, **kwargs):
+        gathered.append(draft_statistics(*args, **kwargs))
+        return gathered[-1]
+
+    monkeypatch.setattr(mtpd.bench, "draft_statistics", counted)
+    prompts = prompts_from(markov_tokens(3000, seed=7), [12, 17, 9, 20])
+    checkpoint = Checkpoint("memory", trained_model, None, {})
+    report = run_benchmark(checkpoint, prompts_from(markov_tokens(500, seed=3), [6, 9]),
+                           BenchConfig(max_new_tokens=16, rounds=1, no_cache_baseline=False, num_heads=3,
+                                       auto_threshold=True, tree=True, tree_nodes=6), calibration_prompts=prompts)
+    assert len(gathered) == 1 and gathered[0].depth == 4
+    assert report["heads_calibration"]["depth"] == 3 and report["tree"]["calibration"]["depth"] <= 3
+    assert report["identical_to_baseline"] and report["tree"]["identical_to_baseline"]
+    three = gathered[0].first_heads(3)
+    assert all(torch.equal(r3, r[:, :3]) for r3, r in zip(three.ranks, gathered[0].ranks))
+    assert gathered[0].first_heads(4) is gathered[0]

@@ -34,7 +34,7 @@ from mtpd.decode import ChainDrafter, Greedy, autoregressive_generate, make_rule
 from mtpd.decode.generation import Generation
 from mtpd.decode.passes import graphs_compiled, passes_for
 from mtpd.decode.tree import TreeShape, require_tree_support
-from mtpd.decode.tree_calibration import calibrate_chain, calibrate_tree
+from mtpd.decode.tree_calibration import DraftStatistics, calibrate_chain, calibrate_tree, draft_statistics
 from mtpd.decode.tree_draft import DynamicTree, StaticTree
 from mtpd.errors import MtpdError, require
 from mtpd.metrics import acceptance_rates, cumulative_acceptance, first_divergence, mean_accepted_tokens
@@ -147,6 +147,7 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]] | PromptSet, 
                     "lower --max-new-tokens or pass --first-turn-only")
     device = next(model.parameters()).device  # sampling draws from a generator on the model's device
     heads, heads_calibration = _heads(model, cfg), None
+    stats = _calibration_statistics(model, cfg, calibration_prompts, progress)
     if cfg.auto_heads or cfg.auto_threshold:
         if not calibration_prompts:
             flag = "--heads auto" if cfg.auto_heads else "--draft-threshold auto"
@@ -156,11 +157,11 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]] | PromptSet, 
             model, calibration_prompts, model.num_heads,
             thresholds=DRAFT_THRESHOLDS if cfg.auto_threshold else (cfg.draft_threshold,),
             depths=None if cfg.auto_heads else (heads,), new_tokens=cfg.calibration_tokens(model.num_heads),
-            progress=progress)
+            progress=progress, stats=stats)
         heads = heads_calibration.shape.depth
         cfg = dataclasses.replace(cfg, draft_threshold=heads_calibration.draft_threshold)
     rule = make_rule(cfg.temperature, cfg.top_k, cfg.top_p)
-    trees, calibration = _trees(model, heads, cfg, calibration_prompts, progress)
+    trees, calibration = _trees(model, heads, cfg, calibration_prompts, progress, stats)
     methods = _methods(model, cfg, rule, heads, trees)
     greedy = isinstance(rule, Greedy)
     turn, timed, seconds = _bench_turn(model, methods, prompt_set, cfg, heads, trees, greedy, device, progress)
@@ -463,8 +464,19 @@ def check_tree(checkpoint: Checkpoint, cfg: BenchConfig) -> None:
         require_tree_support(model, shape.depth, _heads(model, cfg), shape.candidates)
 
 
+def _calibration_statistics(model, cfg: BenchConfig, calibration_prompts: list[list[int]] | None,
+                            progress: Callable[[str], None] | None) -> DraftStatistics | None:
+    """The calibration prompts' greedy continuations and every head's ranks along them, gathered once for
+    whatever the bench calibrates (the chain's heads and threshold, the tree): None when nothing is."""
+    if not (cfg.calibrates and calibration_prompts):
+        return None
+    if progress:
+        progress(f"calibration: greedy continuations of {len(calibration_prompts)} validation prompts")
+    return draft_statistics(model, calibration_prompts, cfg.calibration_tokens(model.num_heads), model.num_heads)
+
+
 def _trees(model, heads: int, cfg: BenchConfig, calibration_prompts: list[list[int]] | None,
-           progress: Callable[[str], None] | None):
+           progress: Callable[[str], None] | None, stats: DraftStatistics | None):
     """The draft trees to benchmark ({} without cfg.tree) and the calibration that chose the static one."""
     if not cfg.tree:
         return {}, None
@@ -477,7 +489,7 @@ def _trees(model, heads: int, cfg: BenchConfig, calibration_prompts: list[list[i
             raise MtpdError("--tree without --tree-shape calibrates on validation prompts, and none are available: "
                             "pass --tree-shape (e.g. '0 1 0.0 0.0.0') or a checkpoint whose corpus is available")
         calibration = calibrate_tree(model, calibration_prompts, heads, cfg.tree_nodes, cfg.calibration_tokens(heads),
-                                     progress=progress)
+                                     progress=progress, stats=stats)
         shape = calibration.shape
     trees = {"tree": StaticTree(shape)}
     if cfg.tree_dynamic:

@@ -53,6 +53,16 @@ class DraftStatistics:
     def positions(self) -> int:
         return sum(len(rows) for rows in self.ranks)
 
+    @property
+    def depth(self) -> int:
+        return self.ranks[0].shape[1]
+
+    def first_heads(self, depth: int) -> "DraftStatistics":
+        """The statistics of heads 1..depth: the first columns (each continuation's last roots, where only
+        the shallower heads would have a greedy target, stay left out)."""
+        return self if depth == self.depth else DraftStatistics([r[:, :depth] for r in self.ranks],
+                                                                [p[:, :depth] for p in self.top_probs])
+
 
 @torch.no_grad()
 def draft_statistics(model: MTPModel, prompts: list[list[int]], new_tokens: int, depth: int,
@@ -224,16 +234,16 @@ def measure_step_ms(model: MTPModel, prompt: list[int], num_heads: int, shapes: 
 
 
 def calibrate_tree(model: MTPModel, prompts: list[list[int]], num_heads: int, max_nodes: int = 16,
-                   new_tokens: int = 128, rounds: int = 3,
-                   progress: Callable[[str], None] | None = None) -> TreeChoice:
+                   new_tokens: int = 128, rounds: int = 3, progress: Callable[[str], None] | None = None,
+                   stats: DraftStatistics | None = None) -> TreeChoice:
     """The static tree for this model and machine: acceptance statistics from greedy continuations of
     `prompts` (held out from the benchmark's), the best tree of each size up to `max_nodes` and the chain of
     each depth, each timed (cost model fitted through the timings); the most expected tokens per millisecond
-    wins."""
+    wins. `stats`: statistics of these prompts already gathered (`draft_statistics`, at least num_heads deep)."""
     if max_nodes < 2:
         raise MtpdError(f"--tree-nodes must be >= 2: the root and at least one draft (got {max_nodes})")
     report = progress and (lambda line: progress(f"tree {line}"))  # noqa: E731
-    stats = _statistics(model, prompts, new_tokens, num_heads, report)
+    stats = _statistics(model, prompts, new_tokens, num_heads, report, stats)
     shapes = [shape for shape, _ in candidate_trees(prefix_frequencies(torch.cat(stats.ranks)), max_nodes)]
     shapes += [chain for chain in (TreeShape.chain(d) for d in range(1, min(num_heads, max_nodes - 1) + 1))
                if chain not in shapes]
@@ -248,18 +258,18 @@ def calibrate_tree(model: MTPModel, prompts: list[list[int]], num_heads: int, ma
 
 def calibrate_chain(model: MTPModel, prompts: list[list[int]], num_heads: int,
                     thresholds: tuple[float, ...] = (0.0,), depths: tuple[int, ...] | None = None,
-                    new_tokens: int = 128, rounds: int = 3,
-                    progress: Callable[[str], None] | None = None) -> TreeChoice:
+                    new_tokens: int = 128, rounds: int = 3, progress: Callable[[str], None] | None = None,
+                    stats: DraftStatistics | None = None) -> TreeChoice:
     """How the chain decoder should draft on this model and machine: with how many heads (`depths`, default
     1..num_heads) and which dynamic-draft-length threshold (`thresholds`). For every pair, the mean accepted
     tokens and drafts per step from the same statistics (`walked_chain`), a step's cost a + b * drafts
     fitted through the chain decoder timed at every fixed depth; the most expected tokens per millisecond
     wins (`TreeChoice.draft_threshold` holds its threshold). Heads 1..d of a looped model are those of the
     d-head model it grew from, so with this choice more heads never draft slower than fewer (up to the
-    timing noise and the prompts' differences)."""
+    timing noise and the prompts' differences). `stats`: as for `calibrate_tree`."""
     depths = tuple(range(1, num_heads + 1)) if depths is None else depths
     report = progress and (lambda line: progress(f"heads {line}"))  # noqa: E731
-    stats = _statistics(model, prompts, new_tokens, num_heads, report)
+    stats = _statistics(model, prompts, new_tokens, num_heads, report, stats)
     timed = [TreeShape.chain(d) for d in range(1, num_heads + 1)]
     measured = measure_step_ms(model, prompts[0], num_heads, timed, rounds=rounds, progress=report,
                                chain_decoder=True)
@@ -279,7 +289,12 @@ def calibrate_chain(model: MTPModel, prompts: list[list[int]], num_heads: int,
 
 
 def _statistics(model: MTPModel, prompts: list[list[int]], new_tokens: int, num_heads: int,
-                progress: Callable[[str], None] | None) -> DraftStatistics:
+                progress: Callable[[str], None] | None, stats: DraftStatistics | None) -> DraftStatistics:
+    """`stats` cut to num_heads, else gathered now."""
+    if stats is not None:
+        if stats.depth < num_heads:
+            raise ValueError(f"statistics of {stats.depth} heads cannot calibrate {num_heads}")
+        return stats.first_heads(num_heads)
     if progress:
         progress(f"calibration: greedy continuations of {len(prompts)} validation prompts")
     return draft_statistics(model, prompts, new_tokens, num_heads)
