@@ -121,3 +121,28 @@ def test_questions_leave_room_in_the_context_for_the_answer(chat_gguf, tmp_path,
     backbone, renderer = load_chat_model(str(chat_gguf), "cpu", torch.float32)
     for line in records(out):
         assert len(renderer.answer_prompt(line["question"])) + answer_tokens <= backbone.max_seq_len
+
+
+def test_train_without_data_on_a_chat_model_makes_its_own_conversations_first(tmp_path, capsys):
+    """`train --hf CHAT_MODEL --time-budget T` without --data: OWN_DATA_SHARE of T goes to distill-data into
+    OUT/chat.jsonl, the rest to training on it; a resumed run keeps that data and does not generate again."""
+    from mtpd.checkpoint import list_checkpoints, read_config
+    from mtpd.config import OWN_DATA_SHARE
+
+    # distill-data's answers are 256 tokens long, after a question: a context of 512
+    model, _, _ = save_tiny_gguf(tmp_path / "tiny-chat.gguf", seed=0, max_position_embeddings=512)
+    run_dir = tmp_path / "run"
+    train = ["train", "--hf", model, "--heads", 2, "--batch-size", 2, "--seq-len", 32, "--eval-windows", 1,
+             "--out", run_dir, "--quiet"]
+    code, stdout, err = run(capsys, *train, "--time-budget", 5)
+    assert code == 0, err
+    assert f"{OWN_DATA_SHARE * 5:.0f} s of the 5 s budget go to the model's own conversations" in stdout
+    data = run_dir / "chat.jsonl"
+    lines = data.read_text()
+    assert (run_dir / "chat.jsonl.done").exists() and len(records(data)) >= 1
+    config = read_config(list_checkpoints(run_dir)[-1][1])
+    assert config["data"]["path"] == str(data)
+    assert config["train"]["time_budget"] == pytest.approx(5 * (1 - OWN_DATA_SHARE))
+    code, stdout, err = run(capsys, *train, "--time-budget", 6, "--resume")
+    assert code == 0, err
+    assert "own conversations" not in stdout and data.read_text() == lines

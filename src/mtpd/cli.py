@@ -24,6 +24,8 @@ EPILOG_TRAIN = """examples:
   mtpd train --out runs/tiny --resume                                       # continue an interrupted run
   mtpd train --out runs/tiny --resume --max-steps 4000                      # continue it to a larger budget
   mtpd train --hf ~/models/my-llama --heads 4 --data my_corpus/ --time-budget 600   # heads on your own model
+  mtpd train --hf smollm2 --heads 4 --time-budget 5100 --out runs/smollm2   # a chat model: 40% of the time
+                                                      # makes its own conversations (distill-data), then trains
   torchrun --nproc-per-node 2 -m mtpd train --preset tiny --max-steps 1000  # 2 processes: DDP, batch 2 x 16
 """
 
@@ -82,8 +84,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                         f"with --hf: {HEAD_INIT_ON_PRETRAINED} (README, Head-only training)")
 
     d = p.add_argument_group("data")
-    d.add_argument("--data", help="text file, directory (recursive) or .jsonl with a 'text' field "
-                                  "(default: the Python standard library's source code)")
+    d.add_argument("--data", help="text file, directory (recursive) or .jsonl with a 'text' field (default: the "
+                                  "Python standard library's source code; with --hf on a chat model and "
+                                  "--time-budget, the model's own conversations, made first into OUT/chat.jsonl by "
+                                  "`mtpd distill-data` in 40%% of the budget)")
     d.add_argument("--tokenizer", help="an existing tokenizer.json (default: train a byte-level BPE on the corpus)")
 
     b = p.add_argument_group("budget (the first one reached stops training; totals for the run, so with --resume "
@@ -154,7 +158,7 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
-    from mtpd.run import pretrain, train_heads
+    from mtpd.run import own_conversations, pretrain, train_heads
 
     if args.heads < 1:
         raise MtpdError(f"--heads must be >= 1 (got {args.heads})")
@@ -189,7 +193,10 @@ def cmd_train(args) -> int:
 
         _refuse_settings_on_resume(args, Path(out), asked)
     if args.hf:
-        metrics, path = train_heads(args.hf, args.heads, train_cfg, loss_cfg, out, args.data, resume=args.resume,
+        data = args.data
+        if data is None and not args.fsdp:  # (FSDP with --hf is refused before any work, in train_heads)
+            data, train_cfg = own_conversations(args.hf, out, train_cfg, args.device, not args.quiet)
+        metrics, path = train_heads(args.hf, args.heads, train_cfg, loss_cfg, out, data, resume=args.resume,
                                     device=args.device, max_seq_len=args.max_seq_len, show_progress=not args.quiet,
                                     fsdp=args.fsdp, draft_vocab=args.draft_vocab,
                                     independent_heads=args.independent_heads)
