@@ -158,7 +158,8 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
-    from mtpd.run import own_conversations, pretrain, train_heads
+    from mtpd.distill import own_conversations
+    from mtpd.run import pretrain, train_heads
 
     if args.heads < 1:
         raise MtpdError(f"--heads must be >= 1 (got {args.heads})")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from mtpd import distributed
 from mtpd.checkpoint import (Checkpoint, build_model, checkpoint_dir, checkpoint_tokenizer, list_checkpoints,
                              load_checkpoint, read_config)
-from mtpd.config import DRAFT_THRESHOLD, OWN_DATA_FILE, OWN_DATA_SHARE, LossConfig, ModelConfig
+from mtpd.config import DRAFT_THRESHOLD, LossConfig, ModelConfig
 from mtpd.data import (Corpus, encode_documents, load_corpus, load_or_train_tokenizer, token_cache_path,
                        tokenizer_fingerprint, validation_windows)
 from mtpd.decode import ChainDrafter, autoregressive_generate, make_rule, speculative_generate
@@ -149,43 +149,6 @@ def train_heads(hf_path: str | Path | None, num_heads: int, train_cfg: TrainConf
     style = PromptStyle.from_hf_tokenizer(load_hf_tokenizer(source))  # its chat template, for generate and bench
     return _fit(model, data, data_path, dataclasses.replace(train_cfg, freeze_main=True), loss_cfg, out_dir, history,
                 dev, show_progress, log, fsdp=fsdp, prompt_style=style)
-
-
-def own_conversations(hf_path: str, out_dir: str | Path, train_cfg: TrainConfig, device: str = "auto",
-                      show_progress: bool = True, log=print) -> tuple[str | None, TrainConfig]:
-    """What `train --hf` without --data trains on: for a chat model with a --time-budget, its own conversations
-    (mtpd distill-data for `OWN_DATA_SHARE` of the budget, into OUT/chat.jsonl, finished once
-    OUT/chat.jsonl.done is there) and the rest of the budget for training; else the standard library (None).
-    A run in out_dir trained on another corpus keeps it (None: resume_run reads the one it recorded)."""
-    from mtpd.distill import DistillConfig, distill_data
-    from mtpd.model.source import load_hf_tokenizer, resolve_source
-
-    out_dir = Path(out_dir)
-    path, done = out_dir / OWN_DATA_FILE, out_dir / f"{OWN_DATA_FILE}.done"
-    existing = list_checkpoints(out_dir)
-    recorded = read_config(existing[-1][1]).get("data", {}).get("path") if existing else None
-    if existing and (recorded is None or Path(recorded).resolve() != path.resolve()):
-        return None, train_cfg
-    if train_cfg.time_budget is None:
-        if not existing:
-            log("no --data: training on the Python standard library (with --time-budget a chat model trains on "
-                "its own conversations, which gave the most acceptance: README, 'Training data for a chat model')")
-        return (str(path) if existing else None), train_cfg
-    if not existing and PromptStyle.from_hf_tokenizer(load_hf_tokenizer(resolve_source(hf_path))).chat_template is None:
-        log("no --data and no chat template: training on the Python standard library")
-        return None, train_cfg
-    if distributed.is_distributed():
-        raise MtpdError("under torchrun, pass --data: make the model's own conversations first with "
-                        "`mtpd distill-data --hf MODEL --out FILE --time-budget SECONDS`")
-    seconds = OWN_DATA_SHARE * train_cfg.time_budget
-    if not done.exists():
-        log(f"no --data: {seconds:.0f} s of the {train_cfg.time_budget:.0f} s budget go to the model's own "
-            f"conversations (mtpd distill-data) in {path}, the rest to training on them")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        distill_data(hf_path, path, DistillConfig(time_budget=seconds), resume=path.exists(), device=device,
-                     show_progress=show_progress, log=log)
-        done.touch()
-    return str(path), dataclasses.replace(train_cfg, time_budget=train_cfg.time_budget - seconds)
 
 
 def extend(ckpt: str | Path, num_heads: int, out_dir: str | Path, budget: dict | None = None,
