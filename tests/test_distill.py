@@ -146,3 +146,11 @@ def test_train_without_data_on_a_chat_model_makes_its_own_conversations_first(tm
     code, stdout, err = run(capsys, *train, "--time-budget", 6, "--resume")
     assert code == 0, err
     assert "own conversations" not in stdout and data.read_text() == lines
+    assert read_config(list_checkpoints(run_dir)[-1][1])["train"]["time_budget"] == pytest.approx(6 * (1 - OWN_DATA_SHARE))
+    # resumed without --hf (the checkpoint knows its model): the same share of the budget trains
+    code, stdout, err = run(capsys, "train", "--out", run_dir, "--resume", "--time-budget", 7, "--quiet")
+    assert code == 0, err
+    assert read_config(list_checkpoints(run_dir)[-1][1])["train"]["time_budget"] == pytest.approx(7 * (1 - OWN_DATA_SHARE))
+    (run_dir / "chat.jsonl.done").unlink()  # a marker deleted by hand: without --hf the data cannot be made
+    code, _, err = run(capsys, "train", "--out", run_dir, "--resume", "--time-budget", 8)
+    assert_one_line_error(code, err, "chat.jsonl.done is missing", "--hf MODEL")

@@ -470,9 +470,8 @@ def _calibration_statistics(model, cfg: BenchConfig, calibration_prompts: list[l
     whatever the bench calibrates (the chain's heads and threshold, the tree): None when nothing is."""
     if not (cfg.calibrates and calibration_prompts):
         return None
-    if progress:
-        progress(f"calibration: greedy continuations of {len(calibration_prompts)} validation prompts")
-    return draft_statistics(model, calibration_prompts, cfg.calibration_tokens(model.num_heads), model.num_heads)
+    return draft_statistics(model, calibration_prompts, cfg.calibration_tokens(model.num_heads), model.num_heads,
+                            progress=progress)
 
 
 def _trees(model, heads: int, cfg: BenchConfig, calibration_prompts: list[list[int]] | None,

@@ -193,16 +193,16 @@ def cmd_train(args) -> int:
             return {k: v for k, v in settings.items() if k not in {*train_cfg.budget, *NOT_SET_BY_FLAGS}}
 
         _refuse_settings_on_resume(args, Path(out), asked)
+    data = args.data
+    if data is None and (args.hf or args.resume) and not args.fsdp:  # (FSDP with --hf: refused in train_heads)
+        data, train_cfg = own_conversations(args.hf, out, train_cfg, args.device, not args.quiet)
     if args.hf:
-        data = args.data
-        if data is None and not args.fsdp:  # (FSDP with --hf is refused before any work, in train_heads)
-            data, train_cfg = own_conversations(args.hf, out, train_cfg, args.device, not args.quiet)
         metrics, path = train_heads(args.hf, args.heads, train_cfg, loss_cfg, out, data, resume=args.resume,
                                     device=args.device, max_seq_len=args.max_seq_len, show_progress=not args.quiet,
                                     fsdp=args.fsdp, draft_vocab=args.draft_vocab,
                                     independent_heads=args.independent_heads)
     else:
-        metrics, path = pretrain(model_cfg, train_cfg, loss_cfg, out, args.data, args.tokenizer, resume=args.resume,
+        metrics, path = pretrain(model_cfg, train_cfg, loss_cfg, out, data, args.tokenizer, resume=args.resume,
                                  device=args.device, show_progress=not args.quiet, fsdp=args.fsdp)
     _print_training_result(metrics, path)
     return 0

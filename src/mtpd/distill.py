@@ -311,7 +311,7 @@ def distill_data(hf: str, out: str | Path, cfg: DistillConfig, resume: bool = Fa
     return summary
 
 
-def own_conversations(hf_path: str, out_dir: str | Path, train_cfg: TrainConfig, device: str = "auto",
+def own_conversations(hf_path: str | None, out_dir: str | Path, train_cfg: TrainConfig, device: str = "auto",
                       show_progress: bool = True, log=print) -> tuple[str | None, TrainConfig]:
     """What `train --hf` without --data trains on: for a chat model with a --time-budget, its own conversations
     (mtpd distill-data for `OWN_DATA_SHARE` of the budget, into OUT/chat.jsonl, finished once
@@ -328,6 +328,8 @@ def own_conversations(hf_path: str, out_dir: str | Path, train_cfg: TrainConfig,
     recorded = read_config(existing[-1][1]).get("data", {}).get("path") if existing else None
     if existing and (recorded is None or Path(recorded).resolve() != path.resolve()):
         return None, train_cfg
+    if not existing and hf_path is None:  # a new run of the built-in model: its data is --data or the stdlib
+        return None, train_cfg
     if train_cfg.time_budget is None:
         if not existing:
             log("no --data: training on the Python standard library (with --time-budget a chat model trains on "
@@ -341,6 +343,9 @@ def own_conversations(hf_path: str, out_dir: str | Path, train_cfg: TrainConfig,
                         "`mtpd distill-data --hf MODEL --out FILE --time-budget SECONDS`")
     seconds = OWN_DATA_SHARE * train_cfg.time_budget
     if not done.exists():
+        if hf_path is None:  # (its checkpoints were written after the data was finished: the marker was deleted)
+            raise MtpdError(f"{path} is not marked finished ({done} is missing): pass --hf MODEL to go on making it, "
+                            f"or `touch {done}` to train on it as it is")
         log(f"no --data: {seconds:.0f} s of the {train_cfg.time_budget:.0f} s budget go to the model's own "
             f"conversations (mtpd distill-data) in {path}, the rest to training on them")
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -66,10 +66,12 @@ class DraftStatistics:
 
 @torch.no_grad()
 def draft_statistics(model: MTPModel, prompts: list[list[int]], new_tokens: int, depth: int,
-                     max_rank: int = 16) -> DraftStatistics:
+                     max_rank: int = 16, progress: Callable[[str], None] | None = None) -> DraftStatistics:
     """Rank and top-probability statistics of heads 1..depth over the greedy continuations of `prompts`
     (ranks >= max_rank are stored as max_rank: never in a tree; so is a token outside the heads' draft
     vocabulary, which no head can propose)."""
+    if progress:
+        progress(f"calibration: greedy continuations of {len(prompts)} validation prompts")
     continuations = autoregressive_generate(model.main, prompts, new_tokens).tokens
     ranks, top_probs = [], []
     device = next(model.parameters()).device
@@ -295,9 +297,7 @@ def _statistics(model: MTPModel, prompts: list[list[int]], new_tokens: int, num_
         if stats.depth < num_heads:
             raise ValueError(f"statistics of {stats.depth} heads cannot calibrate {num_heads}")
         return stats.first_heads(num_heads)
-    if progress:
-        progress(f"calibration: greedy continuations of {len(prompts)} validation prompts")
-    return draft_statistics(model, prompts, new_tokens, num_heads)
+    return draft_statistics(model, prompts, new_tokens, num_heads, progress=progress)
 
 
 def _best(shapes: list[TreeShape], candidates: list[dict], all_heads_tau: float, stats: DraftStatistics) -> TreeChoice:

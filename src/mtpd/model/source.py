@@ -11,6 +11,7 @@ model fails with one line naming the difference.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -165,7 +166,15 @@ def load_transformers_model(source: ModelSource, dtype, config=None):
 
 
 def load_hf_tokenizer(source: ModelSource):
-    """transformers' tokenizer of the model (for a GGUF: rebuilt from its metadata, chat template included)."""
+    """transformers' tokenizer of the model (for a GGUF: rebuilt from its metadata, chat template included).
+    Read once per process and version of the file: parsing a GGUF's takes seconds, and `train --hf` without
+    --data asks for it three times (the chat-template check, distill-data, training). Callers only read it."""
+    stat = source.path.stat()
+    return _hf_tokenizer(source, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_tokenizer(source: ModelSource, size: int, mtime_ns: int):
     transformers = transformers_module()
     return _read(source, "tokenizer", lambda: transformers.AutoTokenizer.from_pretrained(source.directory,
                                                                                          **source.load_options))
