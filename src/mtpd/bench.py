@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from mtpd.checkpoint import Checkpoint
 from mtpd.clock import wall_clock
@@ -357,22 +358,31 @@ def time_methods(methods: dict, batches: list[list[list[int]]], rounds: int, see
     tokens = {name: [0] * len(batches) for name in methods}
     results: dict[str, list[Generation]] = {name: [] for name in methods}
     names = list(methods)
-    for round_index in range(rounds):
-        generators = {name: torch.Generator(device).manual_seed(seed + round_index) for name in names}
-        for index, batch in enumerate(batches):
-            # Every method decodes this batch back to back, in alternating order (A B C, C B A, ...): a machine
-            # that slows down or speeds up during the run then shifts all methods alike, batch by batch.
-            for name in names if (round_index * len(batches) + index) % 2 == 0 else names[::-1]:
-                t0, c0 = clock(), time.process_time()
-                result = methods[name](batch, generators[name])
-                seconds[name][index] += clock() - t0
-                cpu_seconds[name][index] += time.process_time() - c0
-                tokens[name][index] += result.num_tokens
-                if round_index == 0:
-                    results[name].append(result)
-        if progress:
-            rates = ", ".join(f"{name} {sum(tokens[name]) / sum(seconds[name]):.1f}" for name in names)
-            progress(f"round {round_index + 1}/{rounds}: tok/s {rates}")
+
+    def rates() -> str:
+        return ", ".join(f"{name} {sum(tokens[name]) / max(sum(seconds[name]), 1e-9):.1f}" for name in names)
+
+    # A bar over the batches of every round (a long benchmark shows its pace), drawn between timed calls.
+    with tqdm(total=rounds * len(batches), disable=progress is None, unit="batch", dynamic_ncols=True,
+              leave=False) as bar:
+        for round_index in range(rounds):
+            generators = {name: torch.Generator(device).manual_seed(seed + round_index) for name in names}
+            for index, batch in enumerate(batches):
+                # Every method decodes this batch back to back, in alternating order (A B C, C B A, ...): a
+                # machine that slows down or speeds up during the run then shifts all methods alike, batch by batch.
+                for name in names if (round_index * len(batches) + index) % 2 == 0 else names[::-1]:
+                    t0, c0 = clock(), time.process_time()
+                    result = methods[name](batch, generators[name])
+                    seconds[name][index] += clock() - t0
+                    cpu_seconds[name][index] += time.process_time() - c0
+                    tokens[name][index] += result.num_tokens
+                    if round_index == 0:
+                        results[name].append(result)
+                bar.update(1)
+                bar.set_postfix_str(f"round {round_index + 1}/{rounds}, tok/s {rates()}", refresh=False)
+            if progress:
+                bar.clear()
+                progress(f"round {round_index + 1}/{rounds}: tok/s {rates()}")
     return Timed(tokens, seconds, cpu_seconds, results, warm_up_seconds, graphs,
                  graphs_compiled() - before_rounds if count_graphs else None)
 
