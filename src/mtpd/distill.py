@@ -316,7 +316,9 @@ def own_conversations(hf_path: str | None, out_dir: str | Path, train_cfg: Train
     """What `train --hf` without --data trains on: for a chat model with a --time-budget, its own conversations
     (mtpd distill-data for `OWN_DATA_SHARE` of the budget, into OUT/chat.jsonl, finished once
     OUT/chat.jsonl.done is there) and the rest of the budget for training; else the standard library (None).
-    A run in out_dir trained on another corpus keeps it (None: resume_run reads the one it recorded)."""
+    A run in out_dir trained on another corpus keeps it (None: resume_run reads the one it recorded).
+    `hf_path` None (`train --resume` without --hf): only a run in out_dir that trains on its own conversations
+    is affected, and keeps the split."""
     from mtpd import distributed
     from mtpd.checkpoint import list_checkpoints, read_config
     from mtpd.config import OWN_DATA_FILE, OWN_DATA_SHARE

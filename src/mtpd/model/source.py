@@ -169,12 +169,11 @@ def load_hf_tokenizer(source: ModelSource):
     """transformers' tokenizer of the model (for a GGUF: rebuilt from its metadata, chat template included).
     Read once per process and version of the file: parsing a GGUF's takes seconds, and `train --hf` without
     --data asks for it three times (the chat-template check, distill-data, training). Callers only read it."""
-    stat = source.path.stat()
-    return _hf_tokenizer(source, stat.st_size, stat.st_mtime_ns)
+    return _hf_tokenizer(source, source.cache_dir())  # the cache's key changes with the file
 
 
 @functools.lru_cache(maxsize=4)
-def _hf_tokenizer(source: ModelSource, size: int, mtime_ns: int):
+def _hf_tokenizer(source: ModelSource, version: Path):
     transformers = transformers_module()
     return _read(source, "tokenizer", lambda: transformers.AutoTokenizer.from_pretrained(source.directory,
                                                                                          **source.load_options))
