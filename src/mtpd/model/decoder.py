@@ -73,6 +73,14 @@ class KVCache:
             self.v[layer].scatter_(2, index, v)
         return self.k[layer, :, :, :span.kv_len], self.v[layer, :, :, :span.kv_len]
 
+    def load_rows(self, rows: torch.Tensor, other: "KVCache") -> None:
+        """Rows `rows` [R] take `other`'s R rows (every layer, its slots 0..other's length-1): a prompt
+        prefilled apart joins a batch in progress (decode/continuous.py). The rows' later slots keep stale
+        entries, which no query attends to before it overwrites them (the module doc)."""
+        length = other.k.shape[3]
+        self.k[:, rows, :, :length] = other.k
+        self.v[:, rows, :, :length] = other.v
+
     def copy_slots(self, source: torch.Tensor, target: torch.Tensor) -> None:
         """Per row, copy the entries at slots source [B, T] to slots target [B, T] (every layer); all sources
         are read before any target is written."""
@@ -184,8 +192,20 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             k, v = cache.update(layer, k, v, span)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=span.mask, enable_gqa=gqa)
+            y = attend_cached(q, k, v, span.mask, gqa)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, gqa: bool) -> torch.Tensor:
+    """Attention of a cached pass. One bf16 query per row on a CPU is computed in fp32: PyTorch's CPU kernel
+    took 3-5x longer for it in bf16 than in fp32 (torch 2.13, SmolLM2's layer over 384 keys: 0.25 against
+    0.07 ms at batch 1, 4.3 against 1.0 ms at batch 16), which made attention most of a batched bf16 decode
+    step. Passes of several queries (prefills, verifications) keep the bf16 kernel, which is the faster there
+    (docs/design.md §10.3)."""
+    if q.shape[2] == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                              enable_gqa=gqa).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class SwiGLU(nn.Module):
