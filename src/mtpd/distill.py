@@ -13,7 +13,9 @@ in. Answers are greedy by default: a greedy benchmark verifies the main model's 
 those are the contexts to learn (the KL term teaches the main head's whole distribution at every position
 anyway; the temperature only decides which positions are visited).
 
-Generation is batched with mtpd's own KV-cached decoder, in bf16 where the device computes it natively.
+Generation is batched with mtpd's own KV-cached decoder, in bf16 where the device computes it natively, and
+continuously (decode/continuous.py): a row whose question or answer ends takes the next request at once,
+so short answers and dropped questions leave no row idle.
 Lines are written one at a time and flushed, so an interrupted run keeps what it wrote and `--resume`
 continues the file (sampling then starts from another seed, derived from the lines already there).
 """
@@ -33,7 +35,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from mtpd.decode import autoregressive_generate, make_rule
+from mtpd.decode import make_rule
+from mtpd.decode.continuous import Request, stream_generate
 from mtpd.errors import MtpdError, require
 from mtpd.prompts import PromptFormatter, PromptStyle, assistant_turn, user_turn
 
@@ -201,70 +204,94 @@ def _seed_for(seed: int, lines_before: int) -> int:
     return int.from_bytes(hashlib.sha256(f"distill seed={seed} lines={lines_before}".encode()).digest()[:8], "big")
 
 
-class _Sampler:
-    """Questions and answers from one model, counting the tokens it generates."""
+class _Conversations:
+    """The requests of a distill-data run and what becomes of them: a question sampled from the template's
+    user prefix, then, if it is usable, its answer. Handed to `stream_generate` (continuous batching), so
+    each row takes the next request as soon as its last one ends; questions wait for nothing."""
 
-    def __init__(self, backbone, renderer: ChatRenderer, cfg: DistillConfig, generator: torch.Generator):
-        self.backbone, self.renderer, self.cfg, self.generator = backbone, renderer, cfg, generator
+    def __init__(self, backbone, renderer: ChatRenderer, cfg: DistillConfig, seen: set[str], wanted: int | None):
+        self.renderer, self.cfg, self.seen, self.wanted = renderer, cfg, seen, wanted
         self.stop_ids = renderer.formatter.stop_ids
         self.prefix = renderer.encode(renderer.user_prefix())
         self.question_rule = make_rule(cfg.question_temperature, None, cfg.question_top_p)
         self.answer_rule = make_rule(cfg.temperature)
+        self.context = backbone.max_seq_len
+        self.asking = 0  # questions being sampled
+        self.to_answer: list[str] = []  # kept questions whose answer has not started
+        self.answering = 0
+        self.written = 0
         self.tokens = 0  # generated so far, questions and answers, each up to its stop token
-        self.rejected = 0  # sampled questions dropped: unfinished, too short, or asked before
+        self.rejected = 0  # sampled questions dropped: unfinished, too short, asked before, or too long
+        self.barren = 0  # questions dropped in a row
+        self.started: dict[int, float] = {}  # conversation -> when its question was asked
+        self.kept = 0  # questions kept in this run
+        self.longest = None  # seconds the longest conversation so far took, question to answer
+        self.deadline = None if cfg.time_budget is None else time.perf_counter() + cfg.time_budget
+        self.number = 0  # conversations begun
 
-    def questions(self, seen: set[str]) -> list[str]:
-        """One batch of sampled user messages, less those that did not end their turn within
-        --question-tokens (rambling), fragments, repeats, and those whose prompt leaves no room in the
-        model's context for an answer of --max-new-tokens."""
-        result = autoregressive_generate(self.backbone, [self.prefix] * self.cfg.batch_size, self.cfg.question_tokens,
-                                         self.question_rule, stop_ids=self.stop_ids, generator=self.generator)
-        self.tokens += result.num_tokens
-        kept = []
-        for tokens in result.tokens:
-            question = self.renderer.formatter.answer_text(tokens)
-            key = _normalized(question)
-            if (not self._ended(tokens) or len(question) < MIN_QUESTION_CHARS or key in seen
-                    or len(self.renderer.answer_prompt(question)) + self.cfg.max_new_tokens > self.backbone.max_seq_len):
-                self.rejected += 1
-                continue
-            seen.add(key)
-            kept.append(question)
-        return kept
+    def next_request(self) -> Request | None:
+        if self.to_answer:
+            question, number = self.to_answer.pop(0)
+            self.answering += 1
+            return Request(self.renderer.answer_prompt(question), self.cfg.max_new_tokens, self.answer_rule,
+                           ("answer", question, number))
+        if not self._may_ask():
+            return None
+        self.asking += 1
+        self.number += 1
+        self.started[self.number] = time.perf_counter()
+        return Request(self.prefix, self.cfg.question_tokens, self.question_rule, ("question", None, self.number))
 
-    def fill(self, pending: list[str], want: int, seen: set[str]) -> list[str]:
-        """`pending` plus fresh questions until it holds `want`; refuses a model that writes none usable."""
-        barren = 0
-        while len(pending) < want:
-            fresh = self.questions(seen)
-            barren = 0 if fresh else barren + 1
-            if barren == MAX_BARREN_BATCHES:
-                raise MtpdError(f"the model wrote no usable question in {barren} batches of {self.cfg.batch_size} "
-                                f"(each must end its turn within --question-tokens {self.cfg.question_tokens}, not "
-                                f"repeat an earlier one, and leave room for --max-new-tokens "
-                                f"{self.cfg.max_new_tokens} in the context of {self.backbone.max_seq_len}): raise "
-                                f"--question-tokens or lower --max-new-tokens, or use a chat model")
-            pending = pending + fresh
-        return pending
+    def _may_ask(self) -> bool:
+        """Another conversation fits the target (--samples), and is expected to end within --time-budget (by the
+        longest one so far); the first --batch-size conversations always run, so a run writes something."""
+        planned = self.written + self.answering + len(self.to_answer) + self.asking
+        if self.wanted is not None and planned >= self.wanted:
+            return False
+        if self.deadline is None or self.kept + self.asking < self.cfg.batch_size:
+            return True
+        return self.longest is not None and time.perf_counter() + self.longest <= self.deadline
 
-    def answers(self, questions: list[str]) -> list[tuple[str, int, bool]]:
-        """(answer text, tokens, whether the model ended its turn) for each question, decoded in one batch."""
-        prompts = [self.renderer.answer_prompt(question) for question in questions]
-        result = autoregressive_generate(self.backbone, prompts, self.cfg.max_new_tokens, self.answer_rule,
-                                         stop_ids=self.stop_ids, generator=self.generator)
-        self.tokens += result.num_tokens
-        return [(self.renderer.formatter.answer_text(tokens), len(tokens), self._ended(tokens))
-                for tokens in result.tokens]
-
-    def _ended(self, tokens: list[int]) -> bool:
-        return bool(tokens) and tokens[-1] in self.stop_ids
+    def finish(self, request: Request, tokens: list[int]) -> dict | None:
+        """Take a finished request: a question is kept (queued for its answer) or dropped; an answer makes the
+        record to write, returned."""
+        kind, question, number = request.tag
+        self.tokens += len(tokens)
+        text = self.renderer.formatter.answer_text(tokens)
+        ended = bool(tokens) and tokens[-1] in self.stop_ids
+        if kind == "answer":
+            self.answering -= 1
+            self.written += 1
+            took = time.perf_counter() - self.started.pop(number)
+            self.longest = took if self.longest is None else max(self.longest, took)
+            return {"text": self.renderer.conversation(question, text, ended), "question": question,
+                    "answer_tokens": len(tokens), "finished": ended}
+        self.asking -= 1
+        key = _normalized(text)
+        if (not ended or len(text) < MIN_QUESTION_CHARS or key in self.seen
+                or len(self.renderer.answer_prompt(text)) + self.cfg.max_new_tokens > self.context):
+            self.rejected += 1
+            self.started.pop(number)
+            self.barren += 1
+            if self.barren == MAX_BARREN_BATCHES * self.cfg.batch_size:
+                raise MtpdError(f"the model wrote no usable question in {self.barren} tries (each must end its turn "
+                                f"within --question-tokens {self.cfg.question_tokens}, not repeat an earlier one, "
+                                f"and leave room for --max-new-tokens {self.cfg.max_new_tokens} in the context of "
+                                f"{self.context}): raise --question-tokens or lower --max-new-tokens, or use a "
+                                f"chat model")
+            return None
+        self.barren, self.kept = 0, self.kept + 1
+        self.seen.add(key)
+        self.to_answer.append((text, number))
+        return None
 
 
 def distill_data(hf: str, out: str | Path, cfg: DistillConfig, resume: bool = False, device: str = "auto",
                  dtype: str = "auto", show_progress: bool = True,
                  log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> dict:
     """Write the model's own conversations to `out` (JSONL) until `cfg.samples` lines are there or
-    `cfg.time_budget` seconds have passed; returns a summary (lines, tokens, tokens/s)."""
+    `cfg.time_budget` seconds have passed (no conversation starts that would not end by then, judged by
+    the longest so far); returns a summary (lines, tokens, tokens/s)."""
     from mtpd.precision import dtype_reason, resolve_dtype
     from mtpd.run import resolve_device
 
@@ -278,36 +305,26 @@ def distill_data(hf: str, out: str | Path, cfg: DistillConfig, resume: bool = Fa
         return {"out": str(path), "lines": existing, "written": 0, "tokens": 0, "seconds": 0.0}
     backbone, renderer = load_chat_model(hf, dev, chosen)
     with _open_output(path) as file:  # once the model has loaded: a refused model leaves no empty file
-        sampler = _Sampler(backbone, renderer, cfg, torch.Generator(device=dev).manual_seed(_seed_for(cfg.seed, existing)))
+        generator = torch.Generator(device=dev).manual_seed(_seed_for(cfg.seed, existing))
+        work = _Conversations(backbone, renderer, cfg, seen, None if cfg.samples is None else cfg.samples - existing)
         log(f"distill-data: {hf} in {str(chosen).removeprefix('torch.')} ({reason}); "
             f"{'appending to' if existing else 'writing'} {path}" + (f" ({existing} there)" if existing else ""))
-        written, pending, started, last_round = 0, [], time.perf_counter(), 0.0
+        started = time.perf_counter()
         with tqdm(total=cfg.samples, initial=existing, disable=not show_progress, unit="conv",
                   dynamic_ncols=True) as bar:
-            while cfg.samples is None or existing + written < cfg.samples:
-                elapsed = time.perf_counter() - started
-                # A round starts only if it should end within the budget (judged by the last one); the first
-                # always runs, so a run writes something.
-                if cfg.time_budget is not None and written and elapsed + last_round > cfg.time_budget:
-                    break
-                round_started = time.perf_counter()
-                want = cfg.batch_size if cfg.samples is None else min(cfg.batch_size, cfg.samples - existing - written)
-                pending = sampler.fill(pending, want, seen)
-                batch, pending = pending[:want], pending[want:]
-                for question, (answer, tokens, finished) in zip(batch, sampler.answers(batch)):
-                    record = {"text": renderer.conversation(question, answer, finished), "question": question,
-                              "answer_tokens": tokens, "finished": finished}
+            for request, tokens in stream_generate(backbone, work.next_request, cfg.batch_size, work.stop_ids,
+                                                   generator):
+                record = work.finish(request, tokens)
+                if record is not None:
                     file.write(json.dumps(record, ensure_ascii=False) + "\n")
                     file.flush()  # line by line: an interrupted run keeps every finished conversation
-                written += len(batch)
-                last_round = time.perf_counter() - round_started
-                bar.update(len(batch))
-                bar.set_postfix_str(f"{sampler.tokens / (time.perf_counter() - started):.1f} tokens/s, "
-                                    f"{sampler.rejected} questions dropped")
+                    bar.update(1)
+                    bar.set_postfix_str(f"{work.tokens / (time.perf_counter() - started):.1f} tokens/s, "
+                                        f"{work.rejected} questions dropped")
     seconds = time.perf_counter() - started
-    summary = {"out": str(path), "lines": existing + written, "written": written, "tokens": sampler.tokens,
-               "seconds": round(seconds, 1), "tokens_per_s": round(sampler.tokens / seconds, 1),
-               "questions_dropped": sampler.rejected, "dtype": str(chosen).removeprefix("torch.")}
+    summary = {"out": str(path), "lines": existing + work.written, "written": work.written, "tokens": work.tokens,
+               "seconds": round(seconds, 1), "tokens_per_s": round(work.tokens / seconds, 1),
+               "questions_dropped": work.rejected, "dtype": str(chosen).removeprefix("torch.")}
     return summary
 
 
