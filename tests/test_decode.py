@@ -134,3 +134,21 @@ def test_sampling_probs_top_k_and_top_p():
     assert full[0] < 0.7 < full[0] + full[1]
     assert (probs[0, 2:] == 0).all() and probs[0, :2].sum().item() == pytest.approx(1.0)
     assert torch.allclose(sampling_probs(logits, temperature=0.5), (logits / 0.5).softmax(-1))
+
+
+def full_sort_nucleus(probs, top_p):
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+    kept = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.5])  # peaked: the nucleus is among the first candidates; flat: it is not
+def test_top_p_nucleus_equals_a_full_sort(scale):
+    from mtpd.decode.acceptance import NUCLEUS_CANDIDATES, nucleus
+
+    logits = torch.randn(6, 4 * NUCLEUS_CANDIDATES, generator=torch.Generator().manual_seed(0)) * scale
+    probs = logits.softmax(-1)
+    top = probs.topk(NUCLEUS_CANDIDATES, dim=-1).values.sum(-1)
+    assert bool((top >= 0.95).all()) == (scale == 8.0)
+    assert torch.allclose(nucleus(probs, 0.95), full_sort_nucleus(probs, 0.95), atol=1e-7)

@@ -674,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "MT-Bench runs)")
     p.add_argument("--question-tokens", type=int, default=96, help="tokens of a sampled question at most; questions "
                                                                    "that run longer are dropped (default: 96)")
-    p.add_argument("--batch-size", type=int, default=16, help="conversations decoded together (default: 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows decoded together; a row whose question or answer ends takes the next at once (default: 16)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="of the answers: 0 = greedy (default), the main model's own greedy continuations, which a "
                         "greedy benchmark's drafts are checked against")

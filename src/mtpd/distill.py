@@ -217,7 +217,7 @@ class _Conversations:
         self.answer_rule = make_rule(cfg.temperature)
         self.context = backbone.max_seq_len
         self.asking = 0  # questions being sampled
-        self.to_answer: list[str] = []  # kept questions whose answer has not started
+        self.to_answer: list[tuple[str, int]] = []  # (kept question, its conversation): answer not begun
         self.answering = 0
         self.written = 0
         self.tokens = 0  # generated so far, questions and answers, each up to its stop token

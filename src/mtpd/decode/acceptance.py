@@ -27,13 +27,26 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | 
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
     if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the token crossing the threshold is kept)
-        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
+        probs = nucleus(probs, top_p)
     return probs
+
+
+# The top-p nucleus is looked for among this many likeliest tokens first: a partial sort (topk) of a 49k
+# vocabulary took 5 ms for 16 rows on the development CPU, a full sort 84 ms.
+NUCLEUS_CANDIDATES = 256
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs [..., V] restricted to the smallest set of likeliest tokens whose mass reaches top_p (the token
+    crossing the threshold is kept), renormalised. Found among the NUCLEUS_CANDIDATES likeliest tokens when they
+    hold top_p of the mass in every row (one host read), else by sorting the whole vocabulary."""
+    candidates = min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    sorted_probs, order = probs.topk(candidates, dim=-1)
+    if candidates < probs.shape[-1] and not bool((sorted_probs.sum(-1) >= top_p).all()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep_sorted = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep_sorted)
+    return kept / kept.sum(-1, keepdim=True)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
