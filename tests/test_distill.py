@@ -105,11 +105,11 @@ def test_the_output_trains_heads(chat_gguf, tmp_path, capsys):
     assert "checkpoint:" in stdout
 
 
-def test_a_time_budget_ends_the_run_after_whole_rounds(chat_gguf, tmp_path, capsys):
+def test_a_time_budget_starts_no_conversation_that_would_overrun(chat_gguf, tmp_path, capsys):
     out = tmp_path / "chat.jsonl"
     code, stdout, _ = run(capsys, "distill-data", "--hf", chat_gguf, "--out", out, "--time-budget", 0.01,
                           "--batch-size", 2, "--max-new-tokens", 4, "--quiet")
-    assert code == 0 and "wrote 2 conversations" in stdout  # the first round always runs, the next would overrun
+    assert code == 0 and "wrote 2 conversations" in stdout  # the first --batch-size always run, a third would overrun
     assert len(records(out)) == 2
 
 

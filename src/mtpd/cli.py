@@ -667,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="the JSONL file to write")
     b = p.add_argument_group("budget (the first one reached stops)")
     b.add_argument("--samples", type=int, help="conversations the file holds when done (with --resume: in all)")
-    b.add_argument("--time-budget", type=float, help="seconds of generation in this run")
+    b.add_argument("--time-budget", type=float, help="seconds of generation in this run: no conversation starts that "
+                   "the longest so far says would end later (the first --batch-size always run)")
     p.add_argument("--resume", action="store_true", help="append to an existing --out (an interrupted run keeps every "
                                                          "conversation it finished)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens of an answer at most (default: 256, as "
