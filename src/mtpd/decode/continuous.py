@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from mtpd.decode.acceptance import Greedy
+from mtpd.decode.generation import make_batch
 from mtpd.decode.passes import EAGER
-from mtpd.errors import MtpdError
 from mtpd.model import KVCache
 
 
@@ -62,7 +62,7 @@ def stream_generate(decoder, next_request: Callable[[], Request | None], rows: i
                 request = next_request()
                 if request is None:
                     break
-                group.append((row, _checked(request, context)))
+                group.append((row, request))
             needed = max((_room(request, context) for _, request in group), default=0)
             if needed > capacity:
                 capacity = min(context, max(2 * capacity, needed))
@@ -114,17 +114,6 @@ def _grown(decoder, cache, rows: int, capacity: int, loads_rows: bool):
     return bigger
 
 
-def _checked(request: Request, context: int) -> Request:
-    if not request.prompt:
-        raise MtpdError("every prompt needs at least one token: pass non-empty prompts")
-    if len(request.prompt) >= context:
-        raise MtpdError(f"a prompt has {len(request.prompt)} tokens but the model's context is {context}: shorten "
-                        f"the prompt (it must leave room for at least one new token)")
-    if request.max_new_tokens < 1:
-        raise MtpdError(f"--max-new-tokens must be >= 1 (got {request.max_new_tokens})")
-    return request
-
-
 def _prefill(decoder, cache, group: list[tuple[int, Request]], rows: int, capacity: int, loads_rows: bool,
              device: torch.device):
     """Run the group's prompts, left-aligned, through a fresh cache: loaded into their rows, or (a cache that
@@ -133,11 +122,10 @@ def _prefill(decoder, cache, group: list[tuple[int, Request]], rows: int, capaci
     prompts = [request.prompt for _, request in group]
     if not loads_rows:
         prompts += [prompts[0]] * (rows - len(prompts))
-    lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
-    longest = int(lengths.max())
-    tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-    for index, prompt in enumerate(prompts):
-        tokens[index, :len(prompt)] = torch.tensor(prompt, device=device)
+    # Laid out (and checked: non-empty, inside the context, a budget of >= 1) as every decode lays out prompts.
+    batch = make_batch(prompts, min(request.max_new_tokens for _, request in group), decoder.max_seq_len, 0, device)
+    lengths, longest = batch.prompt_len, batch.max_prompt_len
+    tokens = batch.seq[:, :longest]
     fresh = EAGER.main_cache(decoder, len(prompts), longest if loads_rows else capacity)
     positions = torch.arange(longest, device=device).expand(len(prompts), longest)
     hidden = EAGER.main(decoder, tokens, positions, fresh)
