@@ -3,6 +3,7 @@ cache returns what the main model computes, head initialisation from the last bl
 (the parallel-heads baseline) train, save, load and decode losslessly."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from conftest import (assert_greedy_lossless, assert_samples_like_the_main_model, markov_tokens, micro_model,
                       prompts_from)
 from hf_models import save_tiny_model
+from mtpd import teacher_cache
 from mtpd.config import LossConfig, preset
 from mtpd.decode import speculative_generate
 from mtpd.decode.tree import TreeShape
@@ -100,6 +102,19 @@ def test_teacher_cache_returns_the_main_models_states_and_reads_them_back(tmp_pa
         model.main.norm.weight.add_(1.0)  # another model: other weights, another directory
     assert TeacherCache(model.main, None, tmp_path).directory != cache.directory
     assert TeacherCache(model.main, torch.bfloat16, tmp_path).directory != cache.directory
+
+
+def test_teacher_cache_stores_nothing_on_a_nearly_full_disk(tmp_path, monkeypatch):
+    model = frozen_micro()
+    model.main.requires_grad_(False)
+    tokens = windows()[:, :-1]
+    monkeypatch.setattr(teacher_cache, "MIN_FREE_BYTES", shutil.disk_usage(tmp_path).free + (1 << 40))
+    cache = TeacherCache(model.main, None, tmp_path)
+    torch.testing.assert_close(cache.hidden_states(model.main, tokens), model.main(tokens), rtol=0, atol=0)
+    assert (cache.misses, cache.unstored) == (4, 4) and not list(tmp_path.rglob("*.bin"))
+    monkeypatch.setattr(teacher_cache, "MIN_FREE_BYTES", 0)  # room again: stored as before
+    cache.hidden_states(model.main, tokens)
+    assert (cache.misses, cache.unstored) == (8, 4) and len(list(tmp_path.rglob("*.bin"))) == 4
 
 
 def test_training_with_the_teacher_cache_gives_the_same_losses(tmp_path):

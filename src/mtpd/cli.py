@@ -109,7 +109,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="with --hf (the default there): keep the frozen model's hidden states of every training "
                         "window on disk ($MTPD_CACHE, else ~/.cache/mtpd; SmolLM2 in bf16: 1.2 GB per million "
                         "tokens) and read them when a window comes again (a later epoch, another run on the same "
-                        "data), which then skips the model, about half of a step")
+                        "data), which then skips the model, about half of a step; nothing is stored while its disk has "
+                        "less than 8 GiB free")
     o.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order (default: 0)")
 
     l = p.add_argument_group("MTP-D objective (docs/design.md §2)")

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
-
-import time
-from collections.abc import Callable
 
 from mtpd import distributed
 from mtpd.checkpoint import (Checkpoint, build_model, checkpoint_dir, checkpoint_tokenizer, list_checkpoints,
@@ -37,6 +36,7 @@ from mtpd.model.packed import pack_for_decoding
 from mtpd.parallel import NO_FSDP_FOR_HF, require_torchrun_for_fsdp
 from mtpd.precision import cast_for_decoding, dtype_reason, resolve_dtype, weights_dtype
 from mtpd.prompts import PromptSet, PromptStyle, checkpoint_formatter, file_prompts, user_turn
+from mtpd.teacher_cache import MIN_FREE_BYTES
 from mtpd.train import BUDGET_FIELDS, Trainer, TrainConfig
 
 
@@ -301,7 +301,9 @@ def _train(model: MTPModel, data: TokenizedCorpus, data_path: str | None, train_
             f"again; --no-teacher-cache: off)")
     metrics = trainer.fit()
     if cache is not None:
-        log(f"teacher cache: {cache.hits:,} windows read, {cache.misses:,} computed")
+        full = (f" ({cache.unstored:,} not stored: less than {MIN_FREE_BYTES >> 30} GiB free on its disk; $MTPD_CACHE "
+                f"moves it)") if cache.unstored else ""
+        log(f"teacher cache: {cache.hits:,} windows read, {cache.misses:,} computed{full}")
     return metrics, trainer.step
 
 

@@ -11,12 +11,15 @@ million tokens).
 
 Entries are content-addressed: a window's file is named by a hash of its tokens, inside a directory named by
 a hash of the main model's weights and computation; each is written atomically (atomic.py), so concurrent
-runs and crashes never leave a partial entry, and a changed model never reads another's states.
+runs and crashes never leave a partial entry, and a changed model never reads another's states. The cache
+is only ever a speed-up, so it never fills its disk: no entry is written while the disk holding it has less
+than MIN_FREE_BYTES free (a run on a large corpus then computes the windows it could not store).
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,6 +30,7 @@ from mtpd.data import cache_root
 
 # Raise when what an entry holds changes (the decoder's arithmetic, the layout of a file).
 CACHE_VERSION = 1
+MIN_FREE_BYTES = 8 << 30  # free space an entry may not eat into
 
 
 def model_fingerprint(main: nn.Module, autocast: torch.dtype | None) -> str:
@@ -49,6 +53,7 @@ class TeacherCache:
     def __init__(self, main: nn.Module, autocast: torch.dtype | None, root: Path | None = None):
         self.directory = (root or cache_root()) / "teacher" / model_fingerprint(main, autocast)
         self.hits = self.misses = 0
+        self.unstored = 0  # windows computed but not written: too little free disk
 
     def hidden_states(self, main: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         """h0 [B, T, d] of tokens [B, T] under the frozen `main` (called in the trainer's autocast)."""
@@ -57,12 +62,19 @@ class TeacherCache:
         if missing:
             with torch.no_grad():
                 computed = main(tokens[missing])
+            room = self._has_room()
             for i, h in zip(missing, computed):
-                self._write(tokens[i], h)
+                if room:
+                    self._write(tokens[i], h)
                 rows[i] = h
+            self.unstored += 0 if room else len(missing)
         self.hits += len(rows) - len(missing)
         self.misses += len(missing)
         return torch.stack([h.to(tokens.device) for h in rows])
+
+    def _has_room(self) -> bool:
+        existing = next(path for path in (self.directory, *self.directory.parents) if path.exists())
+        return shutil.disk_usage(existing).free >= MIN_FREE_BYTES
 
     def _path(self, tokens: torch.Tensor) -> Path:
         key = hashlib.blake2b(tokens.to(torch.int64).cpu().numpy().tobytes(), digest_size=16).hexdigest()
