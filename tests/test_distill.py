@@ -76,6 +76,7 @@ def test_resume_appends_and_keeps_what_was_written(chat_gguf, tmp_path, capsys):
     (["--samples", "2", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["--samples", "2", "--question-top-p", "0"], "--question-top-p must be in (0, 1]"),
     (["--samples", "2", "--time-budget", "0"], "--time-budget must be > 0"),
+    (["--samples", "2", "--question-openings", "nowhere.txt"], "cannot read --question-openings nowhere.txt"),
 ])
 def test_bad_flags_are_one_line_errors(flags, fragment, chat_gguf, tmp_path, capsys):
     code, _, err = run(capsys, "distill-data", "--hf", chat_gguf, "--out", tmp_path / "x.jsonl", *flags, "--quiet")
@@ -94,6 +95,24 @@ def test_bad_out_and_models_are_one_line_errors(chat_gguf, tmp_path, capsys):
                        "--samples", 2)
     assert_one_line_error(code, err, "nowhere")
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_questions_start_with_the_openings_in_turn(chat_gguf, tmp_path, capsys):
+    openings = tmp_path / "openings.txt"
+    openings.write_text("Write a poem\n\nExplain\n")
+    out = tmp_path / "chat.jsonl"
+    code, _, _ = run(capsys, "distill-data", "--hf", chat_gguf, "--out", out, "--samples", 6,
+                     "--question-openings", openings, *SMALL)
+    assert code == 0
+    questions = [line["question"] for line in records(out)]
+    assert len(questions) == 6 and all(q.startswith(("Write a poem", "Explain")) for q in questions)
+    assert {q.split()[0] for q in questions} == {"Write", "Explain"}  # both taken, in turn
+    for line in records(out):  # the question as written, the opening included, in the template
+        assert line["text"].startswith(USER_PREFIX + line["question"] + "<|im_end|>")
+    openings.write_text("\n  \n")
+    code, _, err = run(capsys, "distill-data", "--hf", chat_gguf, "--out", tmp_path / "x.jsonl", "--samples", 2,
+                       "--question-openings", openings, "--quiet")
+    assert_one_line_error(code, err, "holds no opening")
 
 
 def test_the_output_trains_heads(chat_gguf, tmp_path, capsys):

@@ -377,13 +377,33 @@ def cmd_distill_data(args) -> int:
     cfg = DistillConfig(samples=args.samples, time_budget=args.time_budget, max_new_tokens=args.max_new_tokens,
                         question_tokens=args.question_tokens, batch_size=args.batch_size,
                         temperature=args.temperature, question_temperature=args.question_temperature,
-                        question_top_p=args.question_top_p, seed=args.seed).validate()
+                        question_top_p=args.question_top_p, openings=_question_openings(args.question_openings),
+                        seed=args.seed).validate()
     summary = distill_data(args.hf, args.out, cfg, resume=args.resume, device=args.device, dtype=args.dtype,
                            show_progress=not args.quiet)
     rate = f" in {summary['seconds']:.0f}s ({summary['tokens_per_s']:.1f} tokens/s)" if summary["written"] else ""
     print(f"wrote {summary['written']} conversations to {summary['out']} ({summary['lines']} in all; "
           f"{summary['tokens']:,} tokens generated{rate})")
     return 0
+
+
+def _question_openings(spec: str | None) -> tuple[str, ...]:
+    """--question-openings: none, `tasks` (distill.TASK_OPENINGS) or a text file of one opening per line."""
+    from mtpd.distill import TASK_OPENINGS
+
+    if spec is None:
+        return ()
+    if spec == "tasks":
+        return TASK_OPENINGS
+    try:
+        lines = Path(spec).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MtpdError(f"cannot read --question-openings {spec} ({getattr(exc, 'strerror', None) or exc}): pass a "
+                        f"UTF-8 text file of one opening per line, or `tasks`") from None
+    openings = tuple(line.strip() for line in lines if line.strip())
+    if not openings:
+        raise MtpdError(f"--question-openings {spec} holds no opening: write one per line, or pass `tasks`")
+    return openings
 
 
 def cmd_export_hf(args) -> int:
@@ -682,6 +702,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "greedy benchmark's drafts are checked against")
     p.add_argument("--question-temperature", type=float, default=1.0, help="of the sampled questions (default: 1.0)")
     p.add_argument("--question-top-p", type=float, default=0.95, help="nucleus of the sampled questions (default: 0.95)")
+    p.add_argument("--question-openings", metavar="tasks|FILE",
+                   help="start each question with the next of these first words, in turn, and let the model write "
+                        "the rest (more kinds of question than the ones a small model asks itself): `tasks`, a "
+                        "built-in list of kinds of request (write, explain, solve, code, summarize, role-play ...), "
+                        "or a text file of one opening per line (default: none, the model writes the whole question)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     _add_decoding_dtype_flag(p)
     _add_device_flag(p)

@@ -6,6 +6,9 @@ this module makes the data from the model: Magpie-style (Xu et al. 2024, arXiv 2
 given only its template's prefix up to the user's message (for SmolLM2, the default system turn then
 `<|im_start|>user\\n`) and samples what a user would ask; then it answers each question through the same
 template, exactly as `mtpd bench` prompts it. Nothing is downloaded, and no benchmark question is read.
+A 135M model asks itself mostly one kind of question ("Can you provide ..."); `--question-openings` starts
+each question with the next of a list of first words (TASK_OPENINGS: kinds of request, written from the task
+types of chat use, not from any benchmark's questions), and the model writes the rest.
 
 Each line of the output is `{"text": the whole conversation rendered by the chat template, ...}`, which
 `mtpd train --data FILE.jsonl` reads (data.py): the heads then learn the exact token contexts they draft
@@ -49,6 +52,16 @@ _MESSAGE_PLACEHOLDER = "\x00MTPD-USER-MESSAGE\x00"
 MIN_QUESTION_CHARS = 12
 # Question batches in a row that may yield no usable question before the run gives up (instead of looping).
 MAX_BARREN_BATCHES = 8
+# `--question-openings tasks`: first words of the questions, taken in turn (the model writes the rest).
+TASK_OPENINGS = (
+    "Write a short story", "Write a poem", "Write an email", "Write a blog post", "Rewrite the following",
+    "Explain", "Explain why", "What is the difference between", "Describe", "Compare",
+    "How do I", "Give me advice on", "Suggest", "Create a plan for", "List",
+    "Solve", "Calculate", "If", "Prove that", "What is the probability",
+    "Write a Python function", "Write a program", "Fix the bug in", "What does this code do",
+    "Summarize", "Extract", "Classify", "Translate", "Answer in one sentence:",
+    "Imagine you are", "Pretend to be", "You are a", "Act as",
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,7 @@ class DistillConfig:
     temperature: float = 0.0  # answers: 0 = greedy, the contexts a greedy benchmark drafts in
     question_temperature: float = 1.0  # Magpie samples the user's message at temperature 1
     question_top_p: float = 0.95  # ... here without the unlikeliest tail: a 135M model's tail is noise
+    openings: tuple[str, ...] = ()  # first words of the questions, in turn (empty: the model writes all)
     seed: int = 0
 
     def validate(self) -> "DistillConfig":
@@ -76,6 +90,7 @@ class DistillConfig:
             (self.question_temperature > 0,
              f"--question-temperature must be > 0: questions are sampled (got {self.question_temperature})"),
             (0 < self.question_top_p <= 1, f"--question-top-p must be in (0, 1] (got {self.question_top_p})"),
+            (all(opening.strip() for opening in self.openings), "a question opening is blank: remove blank openings"),
         ])
         make_rule(self.temperature)  # the answers' rule: refuses a negative temperature in one line
         return self
@@ -213,6 +228,7 @@ class _Conversations:
         self.renderer, self.cfg, self.seen, self.wanted = renderer, cfg, seen, wanted
         self.stop_ids = renderer.formatter.stop_ids
         self.prefix = renderer.encode(renderer.user_prefix())
+        self.openings = [renderer.encode(opening) for opening in cfg.openings] or [[]]
         self.question_rule = make_rule(cfg.question_temperature, None, cfg.question_top_p)
         self.answer_rule = make_rule(cfg.temperature)
         self.context = backbone.max_seq_len
@@ -240,7 +256,9 @@ class _Conversations:
         self.asking += 1
         self.number += 1
         self.started[self.number] = time.perf_counter()
-        return Request(self.prefix, self.cfg.question_tokens, self.question_rule, ("question", None, self.number))
+        opening = self.openings[self.number % len(self.openings)]
+        return Request(self.prefix + opening, self.cfg.question_tokens, self.question_rule,
+                       ("question", opening, self.number))
 
     def _may_ask(self) -> bool:
         """Another conversation fits the target (--samples), and is expected to end within --time-budget (by the
@@ -255,9 +273,9 @@ class _Conversations:
     def finish(self, request: Request, tokens: list[int]) -> dict | None:
         """Take a finished request: a question is kept (queued for its answer) or dropped; an answer makes the
         record to write, returned."""
-        kind, question, number = request.tag
+        kind, question, number = request.tag  # question: an answer's; a question's opening tokens
         self.tokens += len(tokens)
-        text = self.renderer.formatter.answer_text(tokens)
+        text = self.renderer.formatter.answer_text(tokens if kind == "answer" else question + tokens)
         ended = bool(tokens) and tokens[-1] in self.stop_ids
         if kind == "answer":
             self.answering -= 1
