@@ -273,16 +273,16 @@ class _Conversations:
     def finish(self, request: Request, tokens: list[int]) -> dict | None:
         """Take a finished request: a question is kept (queued for its answer) or dropped; an answer makes the
         record to write, returned."""
-        kind, question, number = request.tag  # question: an answer's; a question's opening tokens
+        kind, carried, number = request.tag  # an answer carries its question, a question its opening's tokens
         self.tokens += len(tokens)
-        text = self.renderer.formatter.answer_text(tokens if kind == "answer" else question + tokens)
+        text = self.renderer.formatter.answer_text(tokens if kind == "answer" else carried + tokens)
         ended = bool(tokens) and tokens[-1] in self.stop_ids
         if kind == "answer":
             self.answering -= 1
             self.written += 1
             took = time.perf_counter() - self.started.pop(number)
             self.longest = took if self.longest is None else max(self.longest, took)
-            return {"text": self.renderer.conversation(question, text, ended), "question": question,
+            return {"text": self.renderer.conversation(carried, text, ended), "question": carried,
                     "answer_tokens": len(tokens), "finished": ended}
         self.asking -= 1
         key = _normalized(text)
