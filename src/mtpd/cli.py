@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from mtpd.atomic import write_json
-from mtpd.config import DRAFT_THRESHOLD, DRAFT_THRESHOLDS, HEAD_INIT_ON_PRETRAINED, PRESETS, LossConfig, preset
+from mtpd.config import (DRAFT_THRESHOLD, DRAFT_THRESHOLDS, HEAD_INIT_ON_PRETRAINED, PRESETS,
+                         TEACHER_CACHE_MIN_FREE_BYTES, LossConfig, preset)
 from mtpd.errors import MtpdError
 
 EPILOG_TRAIN = """examples:
@@ -110,7 +111,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                         "window on disk ($MTPD_CACHE, else ~/.cache/mtpd; SmolLM2 in bf16: 1.2 GB per million "
                         "tokens) and read them when a window comes again (a later epoch, another run on the same "
                         "data), which then skips the model, about half of a step; nothing is stored while its disk has "
-                        "less than 8 GiB free")
+                        f"less than {TEACHER_CACHE_MIN_FREE_BYTES >> 30} GiB free")
     o.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order (default: 0)")
 
     l = p.add_argument_group("MTP-D objective (docs/design.md §2)")

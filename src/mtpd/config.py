@@ -98,6 +98,9 @@ DRAFT_THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
 # training on a real model"): after the same 49k tokens, heads whose block was copied from the model's last
 # block were 0.05-0.08 behind random ones in offline acceptance at every head, at lr 2e-3 and 5e-4.
 HEAD_INIT_ON_PRETRAINED = "random"
+# The teacher cache (teacher_cache.py) writes nothing while its disk has less free than this: it is only a
+# speed-up, and must never be what fills a disk.
+TEACHER_CACHE_MIN_FREE_BYTES = 8 << 30
 # `mtpd train --hf CHAT_MODEL --time-budget T` without --data first spends this share of T generating the model's
 # own conversations (mtpd distill-data, into OUT/chat.jsonl), then trains on them for the rest: the recipe's
 # split (benchmarks/smollm2_recipe.sh: 2100 of 5100 s). At equal training tokens they gave 2.3-2.8x the

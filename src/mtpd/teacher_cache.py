@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from mtpd.atomic import atomic_file
+from mtpd.config import TEACHER_CACHE_MIN_FREE_BYTES as MIN_FREE_BYTES  # free space an entry may not eat into
 from mtpd.data import cache_root
 
 # Raise when what an entry holds changes (the decoder's arithmetic, the layout of a file).
 CACHE_VERSION = 1
-MIN_FREE_BYTES = 8 << 30  # free space an entry may not eat into
 
 
 def model_fingerprint(main: nn.Module, autocast: torch.dtype | None) -> str:
