@@ -7,7 +7,7 @@ import torch
 
 from hf_models import save_tiny_gguf, save_tiny_model
 from conftest import run, assert_one_line_error
-from mtpd.distill import load_chat_model
+from mtpd.distill import is_fragment, load_chat_model
 from mtpd.prompts import user_turn
 
 USER_PREFIX = "<|im_start|>user\n"  # what hf_models.CHAT_TEMPLATE writes before a user message
@@ -113,6 +113,13 @@ def test_questions_start_with_the_openings_in_turn(chat_gguf, tmp_path, capsys):
     code, _, err = run(capsys, "distill-data", "--hf", chat_gguf, "--out", tmp_path / "x.jsonl", "--samples", 2,
                        "--question-openings", openings, "--quiet")
     assert_one_line_error(code, err, "holds no opening")
+
+
+def test_a_question_must_hold_words_of_the_models_own():
+    assert is_fragment("Hi there", "Hi there")  # too short for an instruction
+    assert is_fragment("What is the difference between?", "?")  # the opening alone
+    assert not is_fragment("Explain photosynthesis.", " photosynthesis.")
+    assert not is_fragment("How do I sort a list in Python?", "How do I sort a list in Python?")
 
 
 def test_the_output_trains_heads(chat_gguf, tmp_path, capsys):

@@ -155,6 +155,12 @@ def load_chat_model(hf: str, device: torch.device, dtype: torch.dtype):
 # ------------------------------------------------------------------------------------------- the output file
 
 
+def is_fragment(question: str, written: str) -> bool:
+    """Whether a sampled question is no instruction: shorter than MIN_QUESTION_CHARS, or (after an opening)
+    the model wrote no word of its own (`written`: its part, e.g. "." after "Write a poem")."""
+    return len(question) < MIN_QUESTION_CHARS or not any(ch.isalnum() for ch in written)
+
+
 def _normalized(question: str) -> str:
     return " ".join(question.lower().split())
 
@@ -286,7 +292,7 @@ class _Conversations:
                     "answer_tokens": len(tokens), "finished": ended}
         self.asking -= 1
         key = _normalized(text)
-        if (not ended or len(text) < MIN_QUESTION_CHARS or key in self.seen
+        if (not ended or is_fragment(text, self.renderer.formatter.answer_text(tokens)) or key in self.seen
                 or len(self.renderer.answer_prompt(text)) + self.cfg.max_new_tokens > self.context):
             self.rejected += 1
             self.started.pop(number)
