@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from mtpd.decode.acceptance import Greedy
-from mtpd.decode.generation import make_batch
+from mtpd.decode.generation import make_batch, token_budget
 from mtpd.decode.passes import EAGER
 from mtpd.model import KVCache
 
@@ -75,7 +75,7 @@ def stream_generate(decoder, next_request: Callable[[], Request | None], rows: i
                     last = hidden.new_zeros(rows, hidden.shape[-1])
                 for index, (row, request) in enumerate(group):
                     busy[row], generated[row] = request, []
-                    budget[row] = min(request.max_new_tokens, context - len(request.prompt))
+                    budget[row] = token_budget(len(request.prompt), request.max_new_tokens, context)
                     position[row] = len(request.prompt)
                     if loads_rows:
                         last[row] = hidden[index]
@@ -102,7 +102,7 @@ def stream_generate(decoder, next_request: Callable[[], Request | None], rows: i
 
 def _room(request: Request, context: int) -> int:
     """Cache slots a request needs: its prompt and every token it may generate but the last (never fed)."""
-    return min(context, len(request.prompt) + request.max_new_tokens)
+    return len(request.prompt) + token_budget(len(request.prompt), request.max_new_tokens, context)
 
 
 def _grown(decoder, cache, rows: int, capacity: int, loads_rows: bool):

@@ -38,6 +38,11 @@ class Batch:
         return int(self.prompt_len.max())
 
 
+def token_budget(prompt_len: int, max_new_tokens: int, context: int) -> int:
+    """Tokens a prompt may be followed by: max_new_tokens, or fewer where the model's context ends first."""
+    return min(max_new_tokens, context - prompt_len)
+
+
 def make_batch(prompts: list[list[int]], max_new_tokens: int, context: int, extra: int,
                device: torch.device, stop_ids: Collection[int] = ()) -> Batch:
     """Lay out prompts; `extra` is room past the last generated token (speculative drafts); a row ends at
@@ -55,7 +60,7 @@ def make_batch(prompts: list[list[int]], max_new_tokens: int, context: int, extr
     seq = torch.zeros(len(prompts), capacity, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         seq[row, :len(prompt)] = torch.tensor(prompt, device=device)
-    budget = torch.clamp(context - lengths, max=max_new_tokens)
+    budget = torch.tensor([token_budget(len(p), max_new_tokens, context) for p in prompts], device=device)
     return Batch(seq, lengths, budget, torch.tensor(sorted(stop_ids), dtype=torch.long, device=device))
 
 
