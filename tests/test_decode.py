@@ -3,6 +3,7 @@ import torch
 
 from mtpd.decode import Greedy, SpeculativeSampling, autoregressive_generate, sampling_probs, speculative_generate
 from mtpd.errors import MtpdError
+from mtpd.metrics import teacher_forced_accepts
 from conftest import assert_greedy_lossless, assert_samples_like_the_main_model, markov_tokens, prompts_from
 
 
@@ -152,3 +153,21 @@ def test_top_p_nucleus_equals_a_full_sort(scale):
     top = probs.topk(NUCLEUS_CANDIDATES, dim=-1).values.sum(-1)
     assert bool((top >= 0.95).all()) == (scale == 8.0)
     assert torch.allclose(nucleus(probs, 0.95), full_sort_nucleus(probs, 0.95), atol=1e-7)
+
+
+@pytest.mark.parametrize("num_heads", [2, 4])
+def test_online_acceptance_is_what_the_teacher_forced_heads_predict(trained_model, num_heads):
+    """Every chain step accepts exactly as many drafts as the heads, teacher-forced on the output, get right
+    from where it starts: the drafter feeds each head the cascade and the cache it was trained on (a stale head
+    cache would stay lossless but accept less)."""
+    model, accepted = trained_model, []
+    for prompt in prompts_from(markov_tokens(2000, seed=31), [1, 3, 5, 8, 12, 17, 23, 30]):
+        generation = speculative_generate(model, [prompt], 24, num_heads=num_heads)
+        tokens = prompt + generation.tokens[0]
+        with torch.no_grad():
+            _, head_logits = model(torch.tensor([tokens]))
+        head_top1 = [model.to_token_ids(logits[0].argmax(-1)) for logits in head_logits[:num_heads]]
+        predicted = teacher_forced_accepts(head_top1, tokens, len(prompt), generation.accepted)
+        assert predicted[:-1] == generation.accepted[:-1]  # the last step's drafts may run past the budget
+        accepted += generation.accepted
+    assert 0 < sum(accepted) < num_heads * len(accepted)  # steps that accept all and steps that reject

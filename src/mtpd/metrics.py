@@ -34,6 +34,29 @@ def cumulative_acceptance(accepted_per_step: Sequence[int], num_drafts: int) -> 
     return [sum(1 for a in accepted_per_step if a >= k) / n if n else 0.0 for k in range(1, num_drafts + 1)]
 
 
+def teacher_forced_accepts(head_top1: Sequence[torch.Tensor], tokens: Sequence[int], prompt_len: int,
+                           accepted: Sequence[int]) -> list[int]:
+    """Accepted drafts per step of a greedy chain decode, as the heads' teacher-forced predictions on its output
+    say they should be. tokens: prompt + output; head_top1[k-1][i]: head k's top-1 token id at position i of a
+    teacher-forced pass over them (it proposes token i+1+k); accepted: the decode's accepted drafts per step,
+    which say where each step starts (its pending token at prompt_len, then one past each step's tokens).
+
+    A step whose pending token sits at position c drafts with head k from position c-1, on the cascade of the
+    true tokens as long as heads 1..k-1 were accepted: it accepts as many leading heads as match the output.
+    The last step can accept drafts past the output's end (the budget or a stop token cuts them), which
+    cannot be checked here: its prediction counts only those inside."""
+    predicted, pending = [], prompt_len
+    for step_accepted in accepted:
+        n = 0
+        for k, top1 in enumerate(head_top1, start=1):
+            if pending + k >= len(tokens) or int(top1[pending - 1]) != tokens[pending + k]:
+                break
+            n += 1
+        predicted.append(n)
+        pending += step_accepted + 1
+    return predicted
+
+
 def first_divergence(output: Sequence[int], reference: Sequence[int]) -> int | None:
     """Index of the first token where `output` departs from `reference` (where the shorter one ends, if one
     is a prefix of the other); None when they are equal."""
