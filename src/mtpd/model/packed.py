@@ -17,14 +17,31 @@ own kernels); a weight changed in place is repacked.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether `pack_linears` speeds up decoding in `dtype` on `device`: bf16 on a CPU with oneDNN."""
-    return dtype == torch.bfloat16 and device.type == "cpu" and torch.backends.mkldnn.is_available()
+    """Whether `pack_linears` speeds up decoding in `dtype` on `device`: bf16 on a CPU whose oneDNN packs it."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and _onednn_packs_bf16()
+
+
+@functools.cache
+def _onednn_packs_bf16() -> bool:
+    """Whether oneDNN prepacks bf16 weights on this CPU: it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT and
+    refuses on others (seen on a Zen 1 EPYC: AVX2 only), where bf16 then computes through `F.linear`. Asked of
+    oneDNN itself, once, on a 16 x 16 weight, rather than restating its rule from the CPU's flags."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 1)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 16, dtype=torch.bfloat16), weight, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):
