@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SmolLM2-135M-Instruct end to end: 4 MTP-D heads trained on the model's own chat answers within ~90 minutes
 # of this 2-core CPU (data + training), evaluated, then benchmarked on MT-Bench's 80 first turns (greedy,
-# batch 1, 256 new tokens, bf16) against KV-cached autoregressive decoding and transformers' own methods.
+# batch 1, 256 new tokens, one dtype: bf16 where the CPU computes it natively, else fp32) against KV-cached
+# autoregressive decoding and transformers' own methods.
 #
 # Usage: benchmarks/smollm2_recipe.sh [OUT] [REPORTS]      (defaults: runs/smollm2-recipe, docs/bench-smollm2)
 # Environment:
@@ -41,8 +42,8 @@ if [ "$model" = smollm2 ] && ! $python -c "import importlib.util, sys; sys.exit(
 fi
 
 # 1. Training data: the model's own conversations (questions it samples from the user turn's prefix, its
-#    greedy answers through the chat template), batched in bf16. Once it has finished, the file is final: the
-#    training run's --resume checks that its corpus did not change. (An interrupted data step keeps its lines
+#    greedy answers through the chat template), batched (bf16 where native). Once it has finished, the file is
+#    final: the training run's --resume checks that its corpus did not change. (An interrupted data step keeps its lines
 #    and generates for another DATA_SECONDS when run again.)
 if [ ! -e "$out/chat.jsonl.done" ]; then
   $MTPD distill-data --hf "$model" --out "$out/chat.jsonl" --time-budget "$data_seconds" --batch-size 16 \
@@ -50,7 +51,7 @@ if [ ! -e "$out/chat.jsonl.done" ]; then
   touch "$out/chat.jsonl.done"
 fi
 
-# 2. Four MTP-D heads on the frozen model (bf16 autocast, draft vocabulary 8,192 by default).
+# 2. Four MTP-D heads on the frozen model (bf16 autocast where native, draft vocabulary 8,192 by default).
 train=(--hf "$model" --heads 4 --data "$out/chat.jsonl" --batch-size 8 --seq-len 256 --warmup-steps 10
        --save-every 20 --seed 0 --quiet)
 $MTPD train "${train[@]}" --time-budget "$train_seconds" --out "$out/mtpd" --resume
@@ -88,7 +89,7 @@ for variant in "${variants[@]}"; do  # a report already written is kept: delete 
     tree=(--tree)
     [ "$variant" = independent ] && tree=()  # independent heads draft chains only
     $MTPD bench --ckpt "$out/$variant" --prompts "$questions" --first-turn-only --max-new-tokens "$new_tokens" \
-      --batch-size 1 --dtype bf16 --rounds 1 --skip-no-cache --draft-threshold auto "${tree[@]}" "${peers[@]}" \
+      --batch-size 1 --dtype auto --rounds 1 --skip-no-cache --draft-threshold auto "${tree[@]}" "${peers[@]}" \
       --json "$reports/mt-bench-$variant.json"
   fi
   peers=(--skip-peers)
