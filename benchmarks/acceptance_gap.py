@@ -48,16 +48,13 @@ def main() -> None:
     checkpoint, reason = load_for_decoding(args.ckpt, "cpu", dtype=args.dtype)
     model, formatter = checkpoint.model, checkpoint_formatter(checkpoint)
     K = model.num_heads
-    prompt_set = file_prompts(args.questions, formatter)
-    step = max(1, len(prompt_set.prompts) // args.num_questions)
-    chosen = list(range(0, len(prompt_set.prompts), step))[:args.num_questions]
+    prompt_set = file_prompts(args.questions, formatter).spread(args.num_questions)
     accepted, agree, checked = [], 0, 0
     matches = torch.zeros(K)
     positions = torch.zeros(K)
     buckets: dict[int, list[float]] = {}
     started = time.perf_counter()
-    for done, index in enumerate(chosen, start=1):
-        prompt = prompt_set.prompts[index]
+    for done, prompt in enumerate(prompt_set.prompts, start=1):
         generation = speculative_generate(model, [prompt], args.max_new_tokens, drafter=ChainDrafter(),
                                           stop_ids=formatter.stop_ids)
         tokens = prompt + generation.tokens[0]
@@ -83,11 +80,11 @@ def main() -> None:
         # A row's last step may accept drafts past its end (budget or stop token), which cannot be checked.
         checked += len(predicted) - 1
         agree += sum(a == p for a, p in zip(generation.accepted[:-1], predicted[:-1]))
-        print(f"{done}/{len(chosen)}: {len(generation.tokens[0])} tokens, tau "
+        print(f"{done}/{len(prompt_set.prompts)}: {len(generation.tokens[0])} tokens, tau "
               f"{mean_accepted_tokens(generation.accepted):.2f}", flush=True)
     report = {
         "checkpoint": str(checkpoint.path), "dtype": args.dtype, "dtype_reason": reason,
-        "questions": [prompt_set.questions[i].id for i in chosen], "max_new_tokens": args.max_new_tokens,
+        "questions": [question.id for question in prompt_set.questions], "max_new_tokens": args.max_new_tokens,
         "heads": K, "steps": len(accepted), "seconds": round(time.perf_counter() - started, 1),
         "steps_predicted": agree / checked if checked else 0.0,
         "online": {"AR_k": acceptance_rates(accepted, K), "CAR_k": cumulative_acceptance(accepted, K),

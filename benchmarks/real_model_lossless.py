@@ -40,10 +40,8 @@ def main() -> None:
 
     checkpoint, reason = load_for_decoding(args.ckpt, "cpu", dtype=args.dtype)
     model = checkpoint.model
-    prompt_set = file_prompts(args.questions, checkpoint_formatter(checkpoint))
-    step = max(1, len(prompt_set.prompts) // args.num_questions)
-    chosen = list(range(0, len(prompt_set.prompts), step))[:args.num_questions]
-    prompts = [prompt_set.prompts[i] for i in chosen]
+    prompt_set = file_prompts(args.questions, checkpoint_formatter(checkpoint)).spread(args.num_questions)
+    prompts = prompt_set.prompts
     n = args.max_new_tokens
     peer = transformers_peer(model.main)
     methods = {
@@ -64,8 +62,8 @@ def main() -> None:
     reference = outputs["autoregressive"]
     gaps = divergence_gap(model.main, prompts, reference)
     report = {"checkpoint": str(checkpoint.path), "dtype": args.dtype, "dtype_reason": reason,
-              "questions": [prompt_set.questions[i].id for i in chosen],
-              "categories": sorted({prompt_set.categories[i] for i in chosen}),
+              "questions": [question.id for question in prompt_set.questions],
+              "categories": sorted(set(prompt_set.categories or [])),
               "prompt_format": prompt_set.report()["prompt_format"], "max_new_tokens": n,
               "tree_shape": args.tree_shape, "seconds": seconds, "torch_version": torch.__version__, "methods": {}}
     for name in methods:

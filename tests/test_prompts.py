@@ -13,8 +13,8 @@ from mtpd.data import load_corpus, train_tokenizer
 from mtpd.decode import autoregressive_generate, speculative_generate
 from mtpd.decode.generation import Generation
 from mtpd.errors import MtpdError
-from mtpd.prompts import (UNCATEGORIZED, PromptFormatter, PromptStyle, checkpoint_formatter, read_questions,
-                          user_turn)
+from mtpd.prompts import (UNCATEGORIZED, PromptFormatter, PromptSet, PromptStyle, Question, checkpoint_formatter,
+                          read_questions, user_turn)
 from mtpd.run import generate_text
 
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -172,6 +172,17 @@ def test_batches_never_span_categories_and_keep_the_prompts_order():
     batches, labels = _batches(prompts, 2, ["a", "a", "a", "b", "b", "c", "a"])
     assert batches == [[[0], [1]], [[2]], [[3], [4]], [[5]], [[6]]] and labels == ["a", "a", "b", "c", "a"]
     assert _batches(prompts, 3) == ([[[0], [1], [2]], [[3], [4], [5]], [[6]]], [None, None, None])
+
+
+def test_a_spread_of_prompts_keeps_their_categories_and_questions():
+    questions = [Question(i, category, (f"q{i}",)) for i, category in enumerate("aaabbbccd")]
+    prompt_set = PromptSet([[i] for i in range(9)], [q.category for q in questions], True, None, questions)
+    three = prompt_set.spread(3)
+    assert three.prompts == [[0], [3], [6]] and three.categories == ["a", "b", "c"]
+    assert [q.id for q in three.questions] == [0, 3, 6] and three.chat_template
+    assert prompt_set.spread(100).prompts == prompt_set.prompts
+    plain = PromptSet([[i] for i in range(5)]).spread(2)
+    assert plain.prompts == [[0], [2]] and plain.categories is None and plain.questions == []
 
 
 def test_category_rates_come_from_the_same_batches_and_rounds():

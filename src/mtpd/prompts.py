@@ -20,7 +20,7 @@ message; Spec-Bench asks the second after the model's own answer to the first (`
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -232,6 +232,15 @@ class PromptSet:
 
     def report(self) -> dict:
         return {"prompt_format": "chat template" if self.chat_template else "plain text", "prompt_note": self.note}
+
+    def spread(self, count: int) -> "PromptSet":
+        """`count` prompts evenly spread over the set (every len // count-th, from the first): a question file's
+        questions are grouped by category, so a few of them still span every category."""
+        step = max(1, len(self.prompts) // count)
+        chosen = list(range(0, len(self.prompts), step))[:count]
+        return replace(self, prompts=[self.prompts[i] for i in chosen],
+                       categories=None if self.categories is None else [self.categories[i] for i in chosen],
+                       questions=[self.questions[i] for i in chosen] if self.questions else [])
 
     def second_turn_lengths(self, answer_tokens: int) -> list[int]:
         """Each second-turn prompt's length before the answers exist: the conversation with an empty answer,
