@@ -7,7 +7,7 @@
 # Usage: benchmarks/smollm2_recipe.sh [OUT] [REPORTS]      (defaults: runs/smollm2-recipe, docs/bench-smollm2)
 # Environment:
 #   DATA_SECONDS=2100   generation of the training conversations (`mtpd distill-data`)
-#   OPENINGS=tasks      distill-data --question-openings (tasks, or a file of first words; default: none)
+#   OPENINGS=none       distill-data --question-openings (none, tasks or a file of first words; default: tasks)
 #   TRAIN_SECONDS=3000  training of the 4 heads (`mtpd train --time-budget`)
 #   BASELINE=1          also the plain MTP baseline (--beta 0) on the same tokens and seed (another ~60 min)
 #   INDEPENDENT=1       also independent heads (--independent-heads) on the same tokens and seed

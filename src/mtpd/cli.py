@@ -389,10 +389,10 @@ def cmd_distill_data(args) -> int:
 
 
 def _question_openings(spec: str | None) -> tuple[str, ...]:
-    """--question-openings: none, `tasks` (distill.TASK_OPENINGS) or a text file of one opening per line."""
+    """--question-openings: `tasks` (distill.TASK_OPENINGS), `none` or a text file of one opening per line."""
     from mtpd.distill import TASK_OPENINGS
 
-    if spec is None:
+    if spec == "none":
         return ()
     if spec == "tasks":
         return TASK_OPENINGS
@@ -400,10 +400,10 @@ def _question_openings(spec: str | None) -> tuple[str, ...]:
         lines = Path(spec).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise MtpdError(f"cannot read --question-openings {spec} ({getattr(exc, 'strerror', None) or exc}): pass a "
-                        f"UTF-8 text file of one opening per line, or `tasks`") from None
+                        f"UTF-8 text file of one opening per line, `tasks` or `none`") from None
     openings = tuple(line.strip() for line in lines if line.strip())
     if not openings:
-        raise MtpdError(f"--question-openings {spec} holds no opening: write one per line, or pass `tasks`")
+        raise MtpdError(f"--question-openings {spec} holds no opening: write one per line, or pass `tasks` or `none`")
     return openings
 
 
@@ -703,11 +703,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "greedy benchmark's drafts are checked against")
     p.add_argument("--question-temperature", type=float, default=1.0, help="of the sampled questions (default: 1.0)")
     p.add_argument("--question-top-p", type=float, default=0.95, help="nucleus of the sampled questions (default: 0.95)")
-    p.add_argument("--question-openings", metavar="tasks|FILE",
+    p.add_argument("--question-openings", metavar="tasks|none|FILE", default="tasks",
                    help="start each question with the next of these first words, in turn, and let the model write "
                         "the rest (more kinds of question than the ones a small model asks itself): `tasks`, a "
-                        "built-in list of kinds of request (write, explain, solve, code, summarize, role-play ...), "
-                        "or a text file of one opening per line (default: none, the model writes the whole question)")
+                        "built-in list of kinds of request (write, explain, solve, code, summarize, role-play ...; "
+                        "the default: on SmolLM2 it raised MT-Bench tau 1.43 -> 1.49 at equal tokens), a text file "
+                        "of one opening per line, or `none` (the model writes the whole question)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     _add_decoding_dtype_flag(p)
     _add_device_flag(p)

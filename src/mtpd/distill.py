@@ -6,9 +6,11 @@ this module makes the data from the model: Magpie-style (Xu et al. 2024, arXiv 2
 given only its template's prefix up to the user's message (for SmolLM2, the default system turn then
 `<|im_start|>user\\n`) and samples what a user would ask; then it answers each question through the same
 template, exactly as `mtpd bench` prompts it. Nothing is downloaded, and no benchmark question is read.
-A 135M model asks itself mostly one kind of question ("Can you provide ..."); `--question-openings` starts
-each question with the next of a list of first words (TASK_OPENINGS: kinds of request, written from the task
-types of chat use, not from any benchmark's questions), and the model writes the rest.
+A 135M model asks itself mostly one kind of question ("Can you provide ..."); by default each question
+starts with the next of a list of first words (TASK_OPENINGS: kinds of request, written from the task types
+of chat use, not from any benchmark's questions), and the model writes the rest: at equal data and training
+tokens that raised SmolLM2's tau on MT-Bench from 1.43 to 1.49 (README); `--question-openings none` lets the
+model write whole questions.
 
 Each line of the output is `{"text": the whole conversation rendered by the chat template, ...}`, which
 `mtpd train --data FILE.jsonl` reads (data.py): the heads then learn the exact token contexts they draft
@@ -52,7 +54,7 @@ _MESSAGE_PLACEHOLDER = "\x00MTPD-USER-MESSAGE\x00"
 MIN_QUESTION_CHARS = 12
 # Question batches in a row that may yield no usable question before the run gives up (instead of looping).
 MAX_BARREN_BATCHES = 8
-# `--question-openings tasks`: first words of the questions, taken in turn (the model writes the rest).
+# `--question-openings tasks` (the default): first words of the questions, taken in turn (the model writes the rest).
 TASK_OPENINGS = (
     "Write a short story", "Write a poem", "Write an email", "Write a blog post", "Rewrite the following",
     "Explain", "Explain why", "What is the difference between", "Describe", "Compare",
@@ -74,7 +76,7 @@ class DistillConfig:
     temperature: float = 0.0  # answers: 0 = greedy, the contexts a greedy benchmark drafts in
     question_temperature: float = 1.0  # Magpie samples the user's message at temperature 1
     question_top_p: float = 0.95  # ... here without the unlikeliest tail: a 135M model's tail is noise
-    openings: tuple[str, ...] = ()  # first words of the questions, in turn (empty: the model writes all)
+    openings: tuple[str, ...] = TASK_OPENINGS  # first words of the questions, in turn (empty: the model writes all)
     seed: int = 0
 
     def validate(self) -> "DistillConfig":
