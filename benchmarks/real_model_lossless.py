@@ -1,5 +1,6 @@
 """Token-for-token checks on a real model (docs/design.md §10): mtpd's autoregressive decoding against
-transformers' `generate`, and speculative decoding (chain and tree) against mtpd's autoregressive decoding,
+transformers' `generate`, and speculative decoding (chain, tree, prompt lookup behind the chain and alone)
+against mtpd's autoregressive decoding,
 on chat-templated MT-Bench first turns, greedy, in one dtype (fp32: exact equality is the contract; bf16:
 outputs may part at near-ties, and the top-2 logit gap at each first divergence is reported).
 
@@ -19,6 +20,7 @@ import torch
 
 from mtpd.bench import divergence_gap, transformers_peer
 from mtpd.decode import ChainDrafter, autoregressive_generate, speculative_generate
+from mtpd.decode.lookup import LookupDrafter
 from mtpd.decode.tree import TreeShape
 from mtpd.decode.tree_draft import StaticTree
 from mtpd.metrics import first_divergence
@@ -49,6 +51,8 @@ def main() -> None:
         "chain": lambda p: speculative_generate(model, [p], n, drafter=ChainDrafter()).tokens[0],
         "tree": lambda p: speculative_generate(model, [p], n, drafter=StaticTree(TreeShape.parse(args.tree_shape))
                                                ).tokens[0],
+        "lookup": lambda p: speculative_generate(model, [p], n, drafter=LookupDrafter(ChainDrafter())).tokens[0],
+        "lookup_only": lambda p: speculative_generate(model, [p], n, drafter=LookupDrafter(None)).tokens[0],
     }
     outputs, seconds = {"autoregressive": []}, {}
     started = time.perf_counter()

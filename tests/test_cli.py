@@ -172,6 +172,24 @@ def test_generate_speculative_and_plain_print_the_same_text(tmp_path, capsys, co
                           "--tree-shape", "0 1 0.0 1.0")
     assert code == 0, err
     assert tree == plain
+    code, lookup, err = run(capsys, "generate", "--ckpt", tmp_path / "run", "--dtype", "fp32", "--prompt", prompt,
+                            "--max-new-tokens", 30, "--lookup", "--lookup-tokens", 5)
+    assert code == 0, err
+    assert lookup == plain
+
+
+def test_bench_lookup_reports_lookup_behind_the_heads_and_alone(tmp_path, capsys, corpus_dir):
+    saved_run(tmp_path / "run", corpus_dir)
+    code, out, err = run(capsys, "bench", "--ckpt", tmp_path / "run", "--dtype", "fp32", "--num-prompts", 2,
+                         "--prompt-tokens", 8, "--max-new-tokens", 24, "--rounds", 1, "--skip-no-cache", "--lookup",
+                         "--json", tmp_path / "bench.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["lookup"]["drafter"]["chain"]["kind"] == "chain" and report["lookup_only"]["drafter"]["chain"] is None
+    for name in ("lookup", "lookup_only"):
+        assert report[name]["identical_to_baseline"] is True, name
+        assert report[name]["drafter"]["lookup_tokens"] == 10
+    assert "prompt lookup + heads' chain" in out and "prompt lookup (mtpd, no heads)" in out
 
 
 def test_bench_writes_the_design_report(tmp_path, capsys, corpus_dir):
@@ -228,6 +246,7 @@ def test_bench_tree_runs_chain_and_trees_side_by_side(tmp_path, capsys, corpus_d
     (["--tree", "--tree-nodes", "1"], "--tree-nodes must be >= 2"),
     (["--tree-shape", "0 500000"], "takes rank 500000 of a head's ranking but the vocabulary has"),
     (["--max-new-tokens", "1"], "--max-new-tokens must be >= 2 to benchmark speculative decoding"),
+    (["--lookup", "--lookup-tokens", "0"], "--lookup-tokens must be >= 1"),
 ])
 def test_bad_tree_flags_are_one_line_errors(flags, fragment, tmp_path, capsys, corpus_dir):
     saved_run(tmp_path / "run", corpus_dir)
@@ -257,6 +276,8 @@ def test_bench_reads_prompts_from_a_file(tmp_path, capsys, corpus_dir):
     (["--tree-shape", "0 0.0 0.0.0"], "the draft tree is 3 deep but 2 heads draft"),
     (["--tree-shape", "0 999999"], "takes rank 999999 of a head's ranking but the vocabulary has"),
     (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--lookup", "--lookup-tokens", "0"], "--lookup-tokens must be >= 1"),
+    (["--lookup", "--tree-shape", "0 1"], "--lookup drafts behind the heads' chain, not a tree"),
 ])
 def test_bad_generate_flags_are_one_line_errors(flags, fragment, tmp_path, capsys, corpus_dir):
     saved_run(tmp_path / "run", corpus_dir)

@@ -7,7 +7,8 @@ import torch
 pytest.importorskip("transformers")
 
 from hf_models import VOCAB, save_tiny_model  # noqa: E402
-from mtpd.peers import PROMPT_LOOKUP_TOKENS, hf_generate  # noqa: E402
+from mtpd.config import LOOKUP_TOKENS  # noqa: E402
+from mtpd.peers import hf_generate  # noqa: E402
 
 
 @torch.no_grad()
@@ -30,4 +31,4 @@ def test_peers_ignore_the_models_stop_tokens(tmp_path):
     model.generation_config.eos_token_id = [expected[0][1], expected[1][2]]
     for prompt, reference in zip(prompts, expected):
         assert hf_generate(model, [prompt], 12).tokens == [reference]
-        assert hf_generate(model, [prompt], 12, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS).tokens == [reference]
+        assert hf_generate(model, [prompt], 12, prompt_lookup_num_tokens=LOOKUP_TOKENS).tokens == [reference]

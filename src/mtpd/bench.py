@@ -30,10 +30,11 @@ from tqdm.auto import tqdm
 
 from mtpd.checkpoint import Checkpoint
 from mtpd.clock import wall_clock
-from mtpd.config import DRAFT_THRESHOLD, DRAFT_THRESHOLDS
+from mtpd.config import DRAFT_THRESHOLD, DRAFT_THRESHOLDS, LOOKUP_TOKENS
 from mtpd.decode import ChainDrafter, Greedy, autoregressive_generate, make_rule, speculative_generate
 from mtpd.decode.generation import Generation
 from mtpd.decode.passes import graphs_compiled, passes_for
+from mtpd.decode.lookup import LookupDrafter
 from mtpd.decode.tree import TreeShape, require_tree_support
 from mtpd.decode.tree_calibration import DraftStatistics, calibrate_chain, calibrate_tree, draft_statistics
 from mtpd.decode.tree_draft import DynamicTree, StaticTree
@@ -41,7 +42,7 @@ from mtpd.errors import MtpdError, require
 from mtpd.metrics import acceptance_rates, cumulative_acceptance, first_divergence, mean_accepted_tokens
 from mtpd.model.hf import HFBackbone
 from mtpd.model.source import load_transformers_model
-from mtpd.peers import PROMPT_LOOKUP_TOKENS, hf_peer_methods
+from mtpd.peers import hf_peer_methods
 from mtpd.precision import cast_for_decoding, weights_dtype
 from mtpd.prompts import PromptSet
 from mtpd.report import format_table
@@ -69,6 +70,8 @@ class BenchConfig:
     calibration_prompts: int = 16  # held-out validation prompts for the tree's or heads' acceptance statistics
     second_turns: bool = True  # question files: also the second turns, after the model's first answers
     compile: bool = False  # every method mtpd decodes (baselines, chain, trees) with its blocks compiled (decode/passes.py)
+    lookup: bool = False  # also decode with prompt lookup: behind the heads' chain, and alone (decode/lookup.py)
+    lookup_tokens: int = LOOKUP_TOKENS  # drafts per lookup match
 
     def calibration_tokens(self, depth: int) -> int:
         """Greedy tokens per calibration prompt: as many as the benchmark generates, and enough for the
@@ -90,6 +93,7 @@ class BenchConfig:
             (self.num_heads is None or self.num_heads >= 1, f"--heads must be >= 1 (got {self.num_heads})"),
             (self.rounds >= 1, f"--rounds must be >= 1 (got {self.rounds})"),
             (0 <= self.draft_threshold < 1, f"--draft-threshold must be in [0, 1) (got {self.draft_threshold})"),
+            (self.lookup_tokens >= 1, f"--lookup-tokens must be >= 1 (got {self.lookup_tokens})"),
         ]
         require(checks)
         make_rule(self.temperature, self.top_k, self.top_p)  # checks the sampling flags
@@ -163,9 +167,10 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]] | PromptSet, 
         cfg = dataclasses.replace(cfg, draft_threshold=heads_calibration.draft_threshold)
     rule = make_rule(cfg.temperature, cfg.top_k, cfg.top_p)
     trees, calibration = _trees(model, heads, cfg, calibration_prompts, progress, stats)
-    methods = _methods(model, cfg, rule, heads, trees)
+    drafters = trees | _lookups(cfg)  # every drafter besides the chain, reported under its name
+    methods = _methods(model, cfg, rule, heads, drafters)
     greedy = isinstance(rule, Greedy)
-    turn, timed, seconds = _bench_turn(model, methods, prompt_set, cfg, heads, trees, greedy, device, progress)
+    turn, timed, seconds = _bench_turn(model, methods, prompt_set, cfg, heads, drafters, greedy, device, progress)
     report = {
         "model": checkpoint.config.get("model"),
         "checkpoint": str(checkpoint.path),
@@ -196,7 +201,7 @@ def run_benchmark(checkpoint: Checkpoint, prompts: list[list[int]] | PromptSet, 
         _check_fits([len(p) for p in second.prompts], cfg, context, "second-turn prompts",
                     "lower --max-new-tokens or pass --first-turn-only")
         labelled = (lambda line: progress(f"second turns, {line}")) if progress else None  # noqa: E731
-        turn, _, turn_seconds = _bench_turn(model, methods, second, cfg, heads, trees, greedy, device, labelled,
+        turn, _, turn_seconds = _bench_turn(model, methods, second, cfg, heads, drafters, greedy, device, labelled,
                                             warm_up=False)
         report["second_turn"] = {"num_prompts": len(second.prompts),
                                  "prompt_tokens": [len(p) for p in second.prompts], **turn}
@@ -213,11 +218,11 @@ def _check_fits(prompt_lengths: list[int], cfg: BenchConfig, context: int, what:
                         f"model's context of {context} tokens: {remedy}")
 
 
-def _bench_turn(model, methods: dict, prompt_set: PromptSet, cfg: BenchConfig, heads: int, trees: dict, greedy: bool,
+def _bench_turn(model, methods: dict, prompt_set: PromptSet, cfg: BenchConfig, heads: int, drafters: dict, greedy: bool,
                 device: torch.device, progress: Callable[[str], None] | None,
                 warm_up: bool = True) -> tuple[dict, Timed, float]:
     """Time every method on one set of prompts; returns their speed and acceptance fields (baselines, the
-    chain's at top level, each tree's, the peers', and per category when the prompts have categories), the
+    chain's at top level, each other drafter's, the peers', and per category when the prompts have categories), the
     timings, and the seconds the timed rounds took."""
     batches, categories = _batches(prompt_set.prompts, cfg.batch_size, prompt_set.categories)
     started = time.perf_counter()
@@ -232,15 +237,15 @@ def _bench_turn(model, methods: dict, prompt_set: PromptSet, cfg: BenchConfig, h
         "peers": _peer_report(timed.rate, timed.outputs, gap, cfg.batch_size),
         **compile_report(timed, cfg.compile),
     }
-    for name, tree in trees.items():
-        report[name] = {**speculative_metrics(timed, name, heads, gap), "drafter": tree.describe()}
-    if "tree" in trees:
+    for name, drafter in drafters.items():
+        report[name] = {**speculative_metrics(timed, name, heads, gap), "drafter": drafter.describe()}
+    if "tree" in drafters:
         report["tree_vs_chain"] = {
             "mean_accepted_tokens": report["tree"]["mean_accepted_tokens"] / report["mean_accepted_tokens"],
             "speedup": report["tree"]["speedup"] / report["speedup"]}
     if prompt_set.categories is not None:
         report["per_category"] = per_category(timed, categories, "speculative", heads)
-        for name in trees:
+        for name in drafters:
             report[name]["per_category"] = per_category(timed, categories, name, heads)
     return report, timed, seconds
 
@@ -263,9 +268,9 @@ def per_category(timed: Timed, batch_categories: list[str | None], name: str, he
 
 
 def _methods(model, cfg: BenchConfig, rule, heads: int,
-             trees: dict) -> dict[str, Callable[[list[list[int]], torch.Generator], Generation]]:
+             drafters: dict) -> dict[str, Callable[[list[list[int]], torch.Generator], Generation]]:
     """Every way of decoding the bench compares, by report name: KV-cached AR (the baseline), the chain,
-    the trees, no-cache AR, and a Hugging Face model's own methods."""
+    the other drafters (trees, prompt lookup), no-cache AR, and a Hugging Face model's own methods."""
     def speculative(drafter):
         return lambda batch, generator: speculative_generate(model, batch, cfg.max_new_tokens, rule, heads,
                                                              generator=generator, drafter=drafter, compile=cfg.compile)
@@ -273,13 +278,23 @@ def _methods(model, cfg: BenchConfig, rule, heads: int,
     methods = {"autoregressive": lambda batch, generator: autoregressive_generate(
                    model.main, batch, cfg.max_new_tokens, rule, generator=generator, compile=cfg.compile),
                "speculative": speculative(ChainDrafter(cfg.draft_threshold))}
-    methods |= {name: speculative(tree) for name, tree in trees.items()}
+    methods |= {name: speculative(drafter) for name, drafter in drafters.items()}
     if cfg.no_cache_baseline:
         methods["autoregressive_no_cache"] = lambda batch, generator: autoregressive_generate(
             model.main, batch, cfg.max_new_tokens, rule, use_cache=False, generator=generator, compile=cfg.compile)
     if cfg.peers and model.main.source is not None:  # an imported model: what its users would run instead
         methods |= hf_peer_methods(transformers_peer(model.main), cfg.max_new_tokens, rule)
     return methods
+
+
+def _lookups(cfg: BenchConfig) -> dict:
+    """Prompt lookup drafters to benchmark ({} without cfg.lookup): behind the chain (`lookup`: a row drafts from
+    its context where its last tokens occurred before, else with the heads) and alone (`lookup_only`: mtpd's own
+    prompt lookup decoding, no heads; the peer to compare heads with in the same decoder)."""
+    if not cfg.lookup:
+        return {}
+    return {"lookup": LookupDrafter(ChainDrafter(cfg.draft_threshold), cfg.lookup_tokens),
+            "lookup_only": LookupDrafter(None, cfg.lookup_tokens)}
 
 
 def transformers_peer(main):
@@ -526,7 +541,7 @@ def _peer_report(rate: dict, outputs: dict, gap: Callable[[int, int], float] | N
                            "identical_to_spec": outputs[name] == outputs["speculative"] if gap is not None else None,
                            **baseline_agreement(outputs[name], outputs["autoregressive"], gap)}
     if "hf_prompt_lookup" in peers:
-        peers["hf_prompt_lookup"]["prompt_lookup_num_tokens"] = PROMPT_LOOKUP_TOKENS
+        peers["hf_prompt_lookup"]["prompt_lookup_num_tokens"] = LOOKUP_TOKENS
     return peers
 
 
@@ -567,6 +582,8 @@ def bench_table(report: dict) -> str:
     methods = [(f"speculative, {heads} head{'s' if heads > 1 else ''}, chain", report)]
     methods += [(f"speculative, {report[n]['drafter']['kind']} tree of {report[n]['drafter']['nodes']} nodes",
                  report[n]) for n in trees]
+    lookups = {"lookup": "speculative, prompt lookup + heads' chain", "lookup_only": "prompt lookup (mtpd, no heads)"}
+    methods += [(label, report[name]) for name, label in lookups.items() if name in report]
     for label, m in methods:
         rows.append((label, m["spec_tokens_per_s"], m["speedup"], m["cpu_speedup"] or "-", m["mean_accepted_tokens"]))
     speed = format_table(["method", "tokens/s", "vs KV-cached AR", "same, CPU time", "tokens per pass"], rows)
@@ -589,6 +606,11 @@ def bench_table(report: dict) -> str:
         shape = f", shape {tree['drafter']['shape']}" if "shape" in tree["drafter"] else ""
         lines.append(f"{name}: tau {tree['mean_accepted_tokens']:.3f}, {tree['tokens_verified_per_step']:.1f} tokens "
                      f"verified per pass{shape}")
+    for name in lookups:
+        if name in report:
+            m = report[name]
+            lines.append(f"{name}: tau {m['mean_accepted_tokens']:.3f}, {m['tokens_verified_per_step']:.1f} tokens verified "
+                         f"per pass, up to {m['drafter']['lookup_tokens']} drafts a match")
     if "tree_vs_chain" in report:
         ratio = report["tree_vs_chain"]
         lines.append(f"tree vs chain: {ratio['mean_accepted_tokens']:.2f}x mean accepted tokens, "

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from mtpd.atomic import write_json
-from mtpd.config import (DRAFT_THRESHOLD, DRAFT_THRESHOLDS, HEAD_INIT_ON_PRETRAINED, PRESETS,
+from mtpd.config import (DRAFT_THRESHOLD, DRAFT_THRESHOLDS, HEAD_INIT_ON_PRETRAINED, LOOKUP_TOKENS, PRESETS,
                          TEACHER_CACHE_MIN_FREE_BYTES, LossConfig, preset)
 from mtpd.errors import MtpdError
 
@@ -302,7 +302,8 @@ def cmd_generate(args) -> int:
     emit = lambda text: print(text, end="", flush=True)  # noqa: E731
     stats = generate_text(checkpoint, args.prompt, args.max_new_tokens, args.heads, not args.no_spec,
                           args.temperature, args.top_k, args.top_p, args.seed, args.draft_threshold,
-                          args.tree_shape, emit, chat=args.chat, compile=args.compile)
+                          args.tree_shape, emit, chat=args.chat, compile=args.compile,
+                          lookup_tokens=args.lookup_tokens if args.lookup else None)
     tau = f", {stats['mean_accepted_tokens']:.2f} tokens per main-model pass" if "mean_accepted_tokens" in stats else ""
     compiled = ""
     if args.compile:
@@ -339,7 +340,7 @@ def cmd_bench(args) -> int:
                       auto_threshold=auto_threshold, tree=args.tree or args.tree_dynamic or args.tree_shape is not None,
                       tree_shape=args.tree_shape, tree_nodes=args.tree_nodes,
                       tree_dynamic=args.tree_dynamic, second_turns=not args.first_turn_only,
-                      compile=args.compile).validate()
+                      compile=args.compile, lookup=args.lookup, lookup_tokens=args.lookup_tokens).validate()
     _check_json_path(args.json)
     checkpoint, dtype_reason = load_for_decoding(args.ckpt, args.device, args.hf, args.dtype)
     check_tree(checkpoint, cfg)  # a backbone without tree attention, a tree deeper than the heads: before any work
@@ -388,7 +389,7 @@ def cmd_distill_data(args) -> int:
     return 0
 
 
-def _question_openings(spec: str | None) -> tuple[str, ...]:
+def _question_openings(spec: str) -> tuple[str, ...]:
     """--question-openings: `tasks` (distill.TASK_OPENINGS), `none` or a text file of one opening per line."""
     from mtpd.distill import TASK_OPENINGS
 
@@ -484,6 +485,17 @@ def _add_draft_flags(p: argparse.ArgumentParser, auto: bool = False) -> None:
                    help="dynamic draft length: stop drafting after a draft its head gave less than this probability "
                         f"(0 = always draft with every head; default: {DRAFT_THRESHOLD}, measured best on the reference "
                         f"model with 4, 8 and 16 heads).{calibrated}")
+
+
+def _add_lookup_flags(p: argparse.ArgumentParser, bench: bool = False) -> None:
+    what = ("also benchmark prompt lookup: drafts copied from the context where its last 2-3 tokens occurred "
+            "before, the heads' chain where they did not (report: lookup), and prompt lookup alone, without heads "
+            "(lookup_only)" if bench else
+            "draft from the context where its last 2-3 tokens occurred before (prompt lookup: repeated names, code, "
+            "lists, loops), with the heads where they did not; lossless like every drafter")
+    p.add_argument("--lookup", action="store_true", help=what)
+    p.add_argument("--lookup-tokens", type=int, default=LOOKUP_TOKENS,
+                   help=f"drafts copied per lookup match (default: {LOOKUP_TOKENS})")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -592,6 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "'0 1 0.0 0.1 0.0.0' (the one `mtpd bench --tree` calibrated is in its "
                                         "report: tree.drafter.shape); built-in models only")
     _add_draft_flags(p)
+    _add_lookup_flags(p)
     _add_sampling_flags(p)
     _add_decoding_dtype_flag(p)
     _add_compile_flag(p)
@@ -640,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tree-dynamic", action="store_true",
                    help="also draft a dynamic tree (EAGLE-2: expand the most probable nodes per depth) verifying as "
                         "many nodes as the static tree; implies --tree")
+    _add_lookup_flags(p, bench=True)
     p.add_argument("--rounds", type=int, default=2, help="timed repetitions of every method (default: 2)")
     p.add_argument("--skip-no-cache", action="store_true", help="leave out the slow no-cache baseline")
     p.add_argument("--skip-peers", action="store_true",

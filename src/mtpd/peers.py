@@ -15,11 +15,9 @@ from collections.abc import Callable
 
 import torch
 
+from mtpd.config import LOOKUP_TOKENS  # transformers' documented example value, as mtpd's own lookup
 from mtpd.decode import Greedy
 from mtpd.decode.generation import Generation
-
-PROMPT_LOOKUP_TOKENS = 10  # transformers' documented example value; drafts per verification
-
 
 def hf_peer_methods(model, max_new_tokens: int, rule) -> dict[str, Callable[[list[list[int]], torch.Generator], Generation]]:
     """Benchmark methods (prompts, generator) -> Generation for a `transformers` causal LM."""
@@ -28,7 +26,7 @@ def hf_peer_methods(model, max_new_tokens: int, rule) -> dict[str, Callable[[lis
 
     def prompt_lookup(prompts, generator):
         rows = [hf_generate(model, [prompt], max_new_tokens, rule, generator,
-                            prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS).tokens[0] for prompt in prompts]
+                            prompt_lookup_num_tokens=LOOKUP_TOKENS).tokens[0] for prompt in prompts]
         return Generation(rows)
 
     return {"hf_generate": plain, "hf_prompt_lookup": prompt_lookup}

@@ -23,6 +23,7 @@ from mtpd.config import DRAFT_THRESHOLD, LossConfig, ModelConfig
 from mtpd.data import (Corpus, encode_documents, load_corpus, load_or_train_tokenizer, token_cache_path,
                        tokenizer_fingerprint, validation_windows)
 from mtpd.decode import ChainDrafter, autoregressive_generate, make_rule, speculative_generate
+from mtpd.decode.lookup import LookupDrafter
 from mtpd.decode.passes import graphs_compiled
 from mtpd.decode.stream import TextStream
 from mtpd.decode.tree import TreeShape
@@ -422,11 +423,12 @@ def generate_text(checkpoint: Checkpoint, prompt: str, max_new_tokens: int = 200
                   speculative: bool = True, temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int = 0, draft_threshold: float = DRAFT_THRESHOLD,
                   tree_shape: str | None = None, emit: Callable[[str], None] = print, chat: bool = False,
-                  compile: bool = False) -> dict:
+                  compile: bool = False, lookup_tokens: int | None = None) -> dict:
     """Continue `prompt`, streaming text through `emit` as tokens are accepted; stops at the checkpoint's stop
     tokens (prompts.PromptStyle: end-of-text, and an instruct model's end of turn). `chat`: ask `prompt` as one
     user turn through the chat template. `tree_shape`: draft this static tree (rank paths, decode/tree.py)
-    instead of one chain. `compile`: with the model's blocks compiled (decode/passes.py), after a short
+    instead of one chain. `lookup_tokens`: draft up to this many tokens from the context where its last tokens
+    occurred before, the chain elsewhere (decode/lookup.py). `compile`: with the model's blocks compiled (decode/passes.py), after a short
     warm-up decode of the same prompt that compiles what the decode needs, timed apart.
 
     Returns statistics: new tokens, seconds, tokens/s and, when speculative, the mean accepted tokens; with
@@ -443,8 +445,12 @@ def generate_text(checkpoint: Checkpoint, prompt: str, max_new_tokens: int = 200
         raise MtpdError(f"--draft-threshold must be in [0, 1) (got {draft_threshold})")
     rule = make_rule(temperature, top_k, top_p)
     drafter = ChainDrafter(draft_threshold)
+    if tree_shape is not None and lookup_tokens is not None:
+        raise MtpdError("--lookup drafts behind the heads' chain, not a tree: leave out --tree-shape or --lookup")
     if tree_shape is not None and speculative:
         drafter = StaticTree(TreeShape.parse(tree_shape))  # speculative_generate refuses one it cannot draft
+    if lookup_tokens is not None:
+        drafter = LookupDrafter(drafter, lookup_tokens)
     device = next(model.parameters()).device
 
     def decode(new_tokens: int, on_tokens=None):

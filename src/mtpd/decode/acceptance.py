@@ -64,6 +64,8 @@ def draft_probability(logits: torch.Tensor, tokens: torch.Tensor, probs: torch.T
 
 @dataclass(frozen=True)
 class Greedy:
+    needs_draft_probs = False  # greedy verification compares tokens
+
     def choose(self, logits: torch.Tensor, generator: torch.Generator | None = None):
         """(tokens, probs): probs is None, greedy drafts need no distribution."""
         return logits.argmax(-1), None
@@ -78,6 +80,7 @@ class Greedy:
 
 @dataclass(frozen=True)
 class SpeculativeSampling:
+    needs_draft_probs = True  # min(1, p/q) needs each draft's q
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None

@@ -84,26 +84,37 @@ class ChainDrafter:
     def describe(self) -> dict:
         return {"kind": "chain", "draft_threshold": self.threshold}
 
+    def draft(self, state: Decoding, count: torch.Tensor, max_drafts: int):
+        """Up to `max_drafts` drafts per row after `count` tokens, written into seq: (tokens [B, D], their draft
+        distributions [B, D, V] or None for greedy)."""
+        return draft_chain(state.model, state.heads, state.seq, count, max_drafts, state.rule, state.generator,
+                           self.threshold, state.active, state.passes)
+
     def step(self, state: Decoding, room: int) -> Step:
-        main, heads, seq = state.model.main, state.heads, state.seq
         max_drafts = min(state.num_heads, room)
-        count = _within_bounds(state, max_drafts)
-        drafts, draft_probs = draft_chain(state.model, heads, seq, count, max_drafts, state.rule, state.generator,
-                                          self.threshold, state.active, state.passes)
-        D = drafts.shape[1]
-        positions = (count - 1)[:, None] + torch.arange(D + 1, device=seq.device)
-        h0 = state.passes.main(main, seq.gather(1, positions), positions, state.main_cache)
-        if state.num_heads:
-            scatter_rows(heads.hidden[0], positions, h0)
-        accepted, token = state.rule.verify(drafts, draft_probs, main.logits(h0), state.generator)
-        return Step(accepted, token, D, D)
+        count = within_bounds(state, max_drafts)
+        drafts, draft_probs = self.draft(state, count, max_drafts)
+        return verify_drafts(state, count, drafts, draft_probs)
 
 
-def _within_bounds(state: Decoding, max_drafts: int) -> torch.Tensor:
+def verify_drafts(state: Decoding, count: torch.Tensor, drafts: torch.Tensor, draft_probs) -> Step:
+    """One main-model pass over every row's pending token and its drafts (already in seq after `count` tokens),
+    then the acceptance rule: the verification of any drafter that proposes one sequence per row."""
+    main, seq = state.model.main, state.seq
+    D = drafts.shape[1]
+    positions = (count - 1)[:, None] + torch.arange(D + 1, device=seq.device)
+    h0 = state.passes.main(main, seq.gather(1, positions), positions, state.main_cache)
+    if state.num_heads:
+        scatter_rows(state.heads.hidden[0], positions, h0)
+    accepted, token = state.rule.verify(drafts, draft_probs, main.logits(h0), state.generator)
+    return Step(accepted, token, D, D)
+
+
+def within_bounds(state: Decoding, max_drafts: int) -> torch.Tensor:
     """The token counts a step works at. Finished rows still ride along in the batch and may have overshot
     their budget by up to K accepted drafts; drafting and verifying past that would index beyond the token
     buffer and the context, so they are cut back (never moved forward, which a cache cannot skip to) to where
-    `max_drafts` more tokens fit. What they compute is discarded: their tokens are masked in `draft_chain`,
-    and `advance` leaves their counts unchanged."""
+    `max_drafts` more tokens fit. What they compute is discarded: their tokens are masked when drafts are
+    written, and `advance` leaves their counts unchanged."""
     limit = min(state.seq.shape[1], state.model.main.max_seq_len) - max_drafts
     return torch.where(state.active, state.count, state.count.clamp(max=limit))

@@ -88,6 +88,7 @@ def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_toke
         on_tokens([[int(t)] for t in seq[rows, count - 1]])
     active &= ~finished(batch, count, count - 1)
     generation = Generation([], 0)
+    end = (batch.prompt_len + batch.budget).tolist()  # streamed tokens stop at each row's budget, as collect() does
 
     while bool(active.any()):
         # Tokens that fit past the pending one: drafters draft fewer near the context end, so that
@@ -103,7 +104,7 @@ def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_toke
         generation.drafted += [step.drafted] * len(accepted_by_active_rows)
         generation.verified += [step.verified] * len(accepted_by_active_rows)
         if on_tokens is not None:
-            on_tokens([seq[b, int(new_start[b]):int(count[b])].tolist() for b in range(B)])
+            on_tokens([seq[b, int(new_start[b]):min(int(count[b]), end[b])].tolist() for b in range(B)])
         active &= ~finished(batch, count, new_start)
 
     generation.tokens = collect(batch, count)
