@@ -14,7 +14,7 @@
 #   LOOPED=1            also the MTP-D heads extended 4 -> 8 (`mtpd extend`, LOOPED_SECONDS=1800 of training)
 #   LLAMA_CPP=1         also time llama.cpp's autoregressive decoding of the same GGUF and prompts (2 threads);
 #                       installs llama-cpp-python if missing (it compiles llama.cpp: ~6 minutes)
-#   BENCH=0             stop after evaluation (the MT-Bench run takes ~1 hour: 5 methods x 80 x 256 tokens)
+#   BENCH=0             stop after evaluation (the MT-Bench run takes ~1.5 hours: 7 methods x 80 x 256 tokens)
 #   MTPD="python3 -m mtpd"  how to run mtpd (default: the `mtpd` on PATH, else python3 -m mtpd); PYTHON: the
 #                       interpreter mtpd is installed in (default: python3)
 #   MODEL, QUESTIONS, NEW_TOKENS  another chat model (--hf), question file and answer/benchmark length
@@ -82,17 +82,17 @@ done
 [ "${BENCH:-1}" = 0 ] && exit 0
 # The chain drafts with all 4 heads, its draft threshold and the tree calibrated on held-out conversations of
 # the data's validation split; transformers' generate and prompt lookup are timed with the MTP-D heads only
-# (they do not depend on the heads).
-peers=()
+# (they do not depend on the heads), and so are prompt lookup behind the MTP-D heads and alone (`--lookup`).
+once=(--lookup)  # the MTP-D report only: transformers' methods and mtpd's prompt lookup
 for variant in "${variants[@]}"; do  # a report already written is kept: delete it to benchmark again
   if [ ! -e "$reports/mt-bench-$variant.json" ]; then
     tree=(--tree)
     [ "$variant" = independent ] && tree=()  # independent heads draft chains only
     $MTPD bench --ckpt "$out/$variant" --prompts "$questions" --first-turn-only --max-new-tokens "$new_tokens" \
-      --batch-size 1 --dtype auto --rounds 1 --skip-no-cache --draft-threshold auto "${tree[@]}" "${peers[@]}" \
+      --batch-size 1 --dtype auto --rounds 1 --skip-no-cache --draft-threshold auto "${tree[@]}" "${once[@]}" \
       --json "$reports/mt-bench-$variant.json"
   fi
-  peers=(--skip-peers)
+  once=(--skip-peers)
 done
 
 # 5. Optional: llama.cpp on the same GGUF and prompts, written into the MTP-D report.
