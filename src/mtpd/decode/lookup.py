@@ -41,10 +41,8 @@ def lookup_draft(tokens: Sequence[int], max_tokens: int, min_ngram: int, max_ngr
         suffix = list(tokens[end - n:])
         for start in range(end - n - 1, -1, -1):  # the latest occurrence first: the current loop, the nearest topic
             if tokens[start] == suffix[0] and list(tokens[start:start + n]) == suffix:
-                copied = list(tokens)
-                for i in range(start + n, start + n + max_tokens):
-                    copied.append(copied[i])
-                return copied[end:]
+                followed = tokens[start + n:end]  # what came after it, up to now; the copy repeats it
+                return [followed[i % len(followed)] for i in range(max_tokens)]
     return []
 
 
@@ -78,10 +76,10 @@ class LookupDrafter:
         B = seq.shape[0]
         head_drafts = min(state.num_heads, room) if self.chain is not None else 0
         count = within_bounds(state, max(min(self.tokens, room), head_drafts))
-        rows = seq[:, :int(count.max())].tolist()  # one transfer per step
-        active = state.active.tolist()
+        counts, active = count.tolist(), state.active.tolist()
+        rows = seq[:, :max(counts)].tolist()  # the rows' tokens, read on the host once per step
         found = [lookup_draft(row[:n], min(self.tokens, room), *self.ngram) if on else []
-                 for row, n, on in zip(rows, count.tolist(), active)]
+                 for row, n, on in zip(rows, counts, active)]
         uses_lookup = torch.tensor([bool(draft) for draft in found], device=device)
         if head_drafts and bool((state.active & ~uses_lookup).any()):
             chain, chain_probs = self.chain.draft(state, count, head_drafts)
