@@ -69,6 +69,34 @@ def test_resume_appends_and_keeps_what_was_written(chat_gguf, tmp_path, capsys):
     assert len(records(out)) == 6
 
 
+def test_resume_refuses_a_file_made_otherwise(chat_gguf, tmp_path, capsys):
+    """A file never mixes two kinds of conversation: every line records what made it, and --resume with another
+    model or another shaping flag is a one-line error that names it and leaves the file as it was."""
+    out = tmp_path / "chat.jsonl"
+    assert run(capsys, "distill-data", "--hf", chat_gguf, "--out", out, "--samples", 2, *SMALL)[0] == 0
+    made_with = records(out)[0]["made_with"]
+    assert made_with["temperature"] == 0.0 and made_with["max_new_tokens"] == 8
+    before = out.read_text()
+    other_model, _, _ = save_tiny_gguf(tmp_path / "other.gguf", seed=1, intermediate_size=48)
+    openings = tmp_path / "openings.txt"
+    openings.write_text("Write a haiku\n")
+    for flags, fragment in [
+        (["--temperature", "0.7"], "was made with --temperature 0.0, not 0.7: pass --temperature 0.0"),
+        (["--question-openings", "none"], "was made with other --question-openings"),
+        (["--question-openings", openings], "was made with other --question-openings"),
+    ]:
+        code, _, err = run(capsys, "distill-data", "--hf", chat_gguf, "--out", out, "--samples", 4, "--resume",
+                           *SMALL, *flags)
+        assert_one_line_error(code, err, fragment, "choose another --out")
+    code, _, err = run(capsys, "distill-data", "--hf", other_model, "--out", out, "--samples", 4, "--resume", *SMALL)
+    assert_one_line_error(code, err, "was made by another model", str(chat_gguf))
+    assert out.read_text() == before
+    legacy = tmp_path / "legacy.jsonl"  # written before lines recorded how they were made
+    legacy.write_text(json.dumps({"text": "<|im_start|>user\nHi<|im_end|>\n", "question": "Hi"}) + "\n")
+    code, _, err = run(capsys, "distill-data", "--hf", chat_gguf, "--out", legacy, "--samples", 2, "--resume", *SMALL)
+    assert_one_line_error(code, err, "line 1 does not record how it was made")
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--samples", "0"], "--samples must be >= 1"),
     ([], "no budget: pass --samples N"),

@@ -706,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--time-budget", type=float, help="seconds of generation in this run: no conversation starts that "
                    "the longest so far says would end later (the first --batch-size always run)")
     p.add_argument("--resume", action="store_true", help="append to an existing --out (an interrupted run keeps every "
-                                                         "conversation it finished)")
+                                                         "conversation it finished); with the model and flags it was "
+                                                         "made with, which each line records")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens of an answer at most (default: 256, as "
                                                                    "MT-Bench runs)")
     p.add_argument("--question-tokens", type=int, default=96, help="tokens of a sampled question at most; questions "

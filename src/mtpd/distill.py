@@ -22,7 +22,9 @@ Generation is batched with mtpd's own KV-cached decoder, in bf16 where the devic
 continuously (decode/continuous.py): a row whose question or answer ends takes the next request at once,
 so short answers and dropped questions leave no row idle.
 Lines are written one at a time and flushed, so an interrupted run keeps what it wrote and `--resume`
-continues the file (sampling then starts from another seed, derived from the lines already there).
+continues the file (sampling then starts from another seed, derived from the lines already there). Every
+line records what made it (`made_with`: the model's digest and the flags that shape a conversation), and
+`--resume` refuses a file made otherwise, so a file never mixes two kinds of conversation.
 """
 
 from __future__ import annotations
@@ -97,6 +99,39 @@ class DistillConfig:
         make_rule(self.temperature)  # the answers' rule: refuses a negative temperature in one line
         return self
 
+    def made_with(self, model: dict) -> dict:
+        """What shapes a conversation, recorded on each line (`model`: model.source.backbone_reference's):
+        the model (by digest; its path is only named) and the flags, but not the budget, batch or seed."""
+        return {"model": model["path"], "model_sha256": _digest([model["config_sha256"], model["weights_sha256"]]),
+                **{field: getattr(self, field) for field in _SHAPING_FLAGS},
+                "openings_sha256": _digest(list(self.openings))}
+
+
+# The DistillConfig fields a --resume must keep (the flag of each is the field's name in kebab case).
+_SHAPING_FLAGS = ("max_new_tokens", "question_tokens", "temperature", "question_temperature", "question_top_p")
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
+def check_made_alike(path: Path, recorded: dict | None, line: int, wanted: dict) -> None:
+    """Refuse to --resume a file whose conversations were made otherwise (one line naming the difference)."""
+    fix = "--resume adds conversations made the same way; choose another --out for these"
+    if recorded is None:
+        raise MtpdError(f"{path} line {line} does not record how it was made (an older mtpd wrote it): {fix}")
+    if recorded.get("model_sha256") != wanted["model_sha256"]:
+        raise MtpdError(f"{path} was made by another model ({recorded.get('model')}): pass that --hf to resume "
+                        f"it; {fix}")
+    for field in _SHAPING_FLAGS:
+        if recorded.get(field) != wanted[field]:
+            flag = "--" + field.replace("_", "-")
+            raise MtpdError(f"{path} was made with {flag} {recorded.get(field)}, not {wanted[field]}: pass "
+                            f"{flag} {recorded.get(field)} to resume it; {fix}")
+    if recorded.get("openings_sha256") != wanted["openings_sha256"]:
+        raise MtpdError(f"{path} was made with other --question-openings: pass the ones it was made with to "
+                        f"resume it; {fix}")
+
 
 # ------------------------------------------------------------------------------------------- conversations
 
@@ -167,10 +202,11 @@ def _normalized(question: str) -> str:
     return " ".join(question.lower().split())
 
 
-def read_existing(path: Path) -> tuple[int, set[str]]:
+def read_existing(path: Path, made_with: dict) -> tuple[int, set[str]]:
     """For --resume: how many conversations `path` holds and their questions (normalized, to skip repeats).
     A last line cut short by an interruption (no newline, not JSON) is removed; any other bad line is an
-    error, since the file is then not one this command wrote."""
+    error, since the file is then not one this command wrote, and so is a line made otherwise than
+    `made_with` (DistillConfig.made_with) says."""
     if not path.exists():
         return 0, set()
     data = path.read_bytes()
@@ -189,6 +225,8 @@ def read_existing(path: Path) -> tuple[int, set[str]]:
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise MtpdError(f"{path} line {number} is not a conversation this command wrote (a JSON object with "
                             f"\"text\"): --resume appends to a distill-data file; choose another --out")
+        if record.get("made_with") != made_with:
+            check_made_alike(path, record.get("made_with"), number, made_with)
         count += 1
         if isinstance(record.get("question"), str):
             questions.add(_normalized(record["question"]))
@@ -232,8 +270,9 @@ class _Conversations:
     user prefix, then, if it is usable, its answer. Handed to `stream_generate` (continuous batching), so
     each row takes the next request as soon as its last one ends; questions wait for nothing."""
 
-    def __init__(self, backbone, renderer: ChatRenderer, cfg: DistillConfig, seen: set[str], wanted: int | None):
-        self.renderer, self.cfg, self.seen, self.wanted = renderer, cfg, seen, wanted
+    def __init__(self, backbone, renderer: ChatRenderer, cfg: DistillConfig, made_with: dict, seen: set[str],
+                 wanted: int | None):
+        self.renderer, self.cfg, self.made_with, self.seen, self.wanted = renderer, cfg, made_with, seen, wanted
         self.stop_ids = renderer.formatter.stop_ids
         self.prefix = renderer.encode(renderer.user_prefix())
         self.openings = [renderer.encode(opening) for opening in cfg.openings] or [[]]
@@ -291,7 +330,7 @@ class _Conversations:
             took = time.perf_counter() - self.started.pop(number)
             self.longest = took if self.longest is None else max(self.longest, took)
             return {"text": self.renderer.conversation(carried, text, ended), "question": carried,
-                    "answer_tokens": len(tokens), "finished": ended}
+                    "answer_tokens": len(tokens), "finished": ended, "made_with": self.made_with}
         self.asking -= 1
         key = _normalized(text)
         if (not ended or is_fragment(text, self.renderer.formatter.answer_text(tokens)) or key in self.seen
@@ -318,6 +357,7 @@ def distill_data(hf: str, out: str | Path, cfg: DistillConfig, resume: bool = Fa
     """Write the model's own conversations to `out` (JSONL) until `cfg.samples` lines are there or
     `cfg.time_budget` seconds have passed (no conversation starts that would not end by then, judged by
     the longest so far); returns a summary (lines, tokens, tokens/s)."""
+    from mtpd.model.source import backbone_reference, resolve_source
     from mtpd.precision import dtype_reason, resolve_dtype
     from mtpd.run import resolve_device
 
@@ -325,14 +365,16 @@ def distill_data(hf: str, out: str | Path, cfg: DistillConfig, resume: bool = Fa
     dev = resolve_device(device)
     chosen, reason = resolve_dtype(dtype, dev), dtype_reason(dtype, dev)
     _check_output(path, resume)
-    existing, seen = read_existing(path) if resume else (0, set())
+    made_with = cfg.made_with(backbone_reference(resolve_source(hf)))
+    existing, seen = read_existing(path, made_with) if resume else (0, set())
     if cfg.samples is not None and existing >= cfg.samples:
         log(f"{path} already holds {existing} conversations (--samples {cfg.samples}): nothing to do")
         return {"out": str(path), "lines": existing, "written": 0, "tokens": 0, "seconds": 0.0}
     backbone, renderer = load_chat_model(hf, dev, chosen)
     with _open_output(path) as file:  # once the model has loaded: a refused model leaves no empty file
         generator = torch.Generator(device=dev).manual_seed(_seed_for(cfg.seed, existing))
-        work = _Conversations(backbone, renderer, cfg, seen, None if cfg.samples is None else cfg.samples - existing)
+        work = _Conversations(backbone, renderer, cfg, made_with, seen,
+                              None if cfg.samples is None else cfg.samples - existing)
         log(f"distill-data: {hf} in {str(chosen).removeprefix('torch.')} ({reason}); "
             f"{'appending to' if existing else 'writing'} {path}" + (f" ({existing} there)" if existing else ""))
         started = time.perf_counter()
