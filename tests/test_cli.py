@@ -176,6 +176,21 @@ def test_generate_speculative_and_plain_print_the_same_text(tmp_path, capsys, co
                             "--max-new-tokens", 30, "--lookup", "--lookup-tokens", 5)
     assert code == 0, err
     assert lookup == plain
+    code, chain, err = run(capsys, "generate", "--ckpt", tmp_path / "run", "--dtype", "fp32", "--prompt", prompt,
+                           "--max-new-tokens", 30, "--no-lookup")
+    assert code == 0, err
+    assert chain == plain
+
+
+def test_generate_drafts_with_prompt_lookup_unless_told_otherwise():
+    """The default drafter of `generate` is prompt lookup behind the heads, or the tree when one is given."""
+    from mtpd.cli import _generate_looks_up, build_parser
+
+    def looks_up(*flags):
+        return _generate_looks_up(build_parser().parse_args(["generate", "--ckpt", "c", "--prompt", "p", *flags]))
+
+    assert looks_up() and looks_up("--lookup") and not looks_up("--no-lookup")
+    assert not looks_up("--tree-shape", "0 1") and looks_up("--lookup", "--tree-shape", "0 1")
 
 
 def test_bench_lookup_reports_lookup_behind_the_heads_and_alone(tmp_path, capsys, corpus_dir):
