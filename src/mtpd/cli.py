@@ -599,10 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_extend)
 
     p = sub.add_parser("generate", help="continue a prompt with speculative decoding (streams the text)",
-                       description="Continue --prompt with the checkpoint's model. By default prompt lookup and the MTP "
-                                   "heads draft (--lookup) and the main model verifies, so the text is exactly what the main model alone would "
-                                   "write (greedy: token for token in fp32, up to near-ties in bf16, see --dtype; "
-                                   "sampling: the same distribution), only faster. Statistics go to stderr.")
+                       description="Continue --prompt with the checkpoint's model. By default prompt lookup and the "
+                                   "MTP heads draft (--lookup) and the main model verifies, so the text is exactly "
+                                   "what the main model alone would write (greedy: token for token in fp32, up to "
+                                   "near-ties in bf16, see --dtype; sampling: the same distribution), only faster. "
+                                   "Statistics go to stderr.")
     _add_checkpoint_flags(p, hf=True)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--chat", action="store_true", help="ask --prompt as one user turn through the model's chat "

@@ -102,17 +102,15 @@ class DistillConfig:
     def made_with(self, model: dict) -> dict:
         """What shapes a conversation, recorded on each line (`model`: model.source.backbone_reference's):
         the model (by digest; its path is only named) and the flags, but not the budget, batch or seed."""
-        return {"model": model["path"], "model_sha256": _digest([model["config_sha256"], model["weights_sha256"]]),
+        from mtpd.model.source import json_digest
+
+        return {"model": model["path"], "model_sha256": json_digest([model["config_sha256"], model["weights_sha256"]]),
                 **{field: getattr(self, field) for field in _SHAPING_FLAGS},
-                "openings_sha256": _digest(list(self.openings))}
+                "openings_sha256": json_digest(list(self.openings))}
 
 
 # The DistillConfig fields a --resume must keep (the flag of each is the field's name in kebab case).
 _SHAPING_FLAGS = ("max_new_tokens", "question_tokens", "temperature", "question_temperature", "question_top_p")
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
 
 
 def check_made_alike(path: Path, recorded: dict | None, line: int, wanted: dict) -> None:

@@ -208,8 +208,8 @@ def backbone_reference(source: ModelSource) -> dict:
     config, shapes = _gguf_fingerprint(source) if source.gguf_file else _directory_fingerprint(source)
     model_type = config.get("general.architecture") if source.gguf_file else config.get("model_type")
     return {"type": "huggingface", "path": str(source.path), "format": "gguf" if source.gguf_file else "directory",
-            "model_type": model_type, "config": config, "config_sha256": _digest(config),
-            "weights_sha256": _digest(shapes)}
+            "model_type": model_type, "config": config, "config_sha256": json_digest(config),
+            "weights_sha256": json_digest(shapes)}
 
 
 def check_backbone(reference: dict, source: ModelSource, checkpoint: Path | str) -> None:
@@ -269,5 +269,6 @@ def _gguf_fingerprint(source: ModelSource) -> tuple[dict, list]:
     return config, shapes
 
 
-def _digest(value) -> str:
+def json_digest(value) -> str:
+    """The SHA-256 of a JSON value (keys sorted), as hex."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
